@@ -1,0 +1,29 @@
+"""Fused ops, each run by the backend the dispatcher picks (see dispatch.py).
+
+The torch backend is always there. The Triton kernels (glcic_fast.kernels) and the C++ /
+CUDA extension (glcic_fast._C) register their backends when they import; when one cannot
+(no Triton, extension not built), the reason is kept in ``BACKEND_LOAD_ERRORS`` and the
+dispatcher falls back to what is there.
+"""
+
+import importlib
+
+from . import dispatch, torch_backend  # noqa: F401  (torch_backend registers itself)
+from .conv import conv2d_bias_act, conv_transpose2d_bias_act
+from .dispatch import BACKENDS, BackendUnavailable, available_backends, explain
+
+BACKEND_LOAD_ERRORS = {}
+
+
+def _load_optional_backend(backend: str, module: str):
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an optional backend must never break the import of the package
+        BACKEND_LOAD_ERRORS[backend] = f"{module} did not load: {type(exc).__name__}: {exc}"
+
+
+_load_optional_backend("triton", "glcic_fast.kernels")
+dispatch.set_load_errors(BACKEND_LOAD_ERRORS)
+
+__all__ = ["conv2d_bias_act", "conv_transpose2d_bias_act", "explain", "available_backends",
+           "BackendUnavailable", "BACKENDS", "BACKEND_LOAD_ERRORS"]

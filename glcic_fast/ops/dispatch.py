@@ -1,0 +1,105 @@
+"""The one place that decides which backend runs a fused op.
+
+Backends register an implementation per op together with a ``why_not`` check that returns
+``None`` when the implementation can run the given arguments, or a sentence saying why
+not. ``backend=None`` walks the automatic order for the tensor's device and takes the
+first implementation that can run (quietly falling back); a backend named by the caller
+(or by ``GLCIC_FAST_BACKEND``) that cannot run raises :class:`BackendUnavailable`.
+``explain`` says what would be chosen and why the others were passed over.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+#: torch: plain PyTorch; cpp: the C++ CPU twins in glcic_fast._C; triton: kernels/;
+#: cuda: the CUDA kernels in glcic_fast._C.
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+
+# Without a tuning entry, the order tried on each device type. Triton runs on the CPU only
+# through its interpreter, which is for tests: it is used there only when named.
+_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run the given arguments."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    run: Callable
+    why_not: Callable[..., Optional[str]]
+
+
+_REGISTRY: Dict[str, Dict[str, Implementation]] = {}
+_TUNING: Optional[dict] = None
+_LOAD_ERRORS: Dict[str, str] = {}
+
+
+def set_load_errors(errors: Dict[str, str]):
+    """Why optional backends failed to load, quoted when such a backend is asked for."""
+    _LOAD_ERRORS.update(errors)
+
+
+def register(op: str, backend: str, run: Callable, why_not: Callable[..., Optional[str]]):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not)
+
+
+def _tuning_table() -> dict:
+    """Per-op, per-shape backend choices measured on a GPU (tuning.json beside this file,
+    or the file named by GLCIC_FAST_TUNING)."""
+    global _TUNING
+    if _TUNING is None:
+        path = os.environ.get("GLCIC_FAST_TUNING") or os.path.join(os.path.dirname(__file__), "tuning.json")
+        _TUNING = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                _TUNING = json.load(f)
+    return _TUNING
+
+
+def _order(op: str, device: torch.device, tuning_key: Optional[str]) -> Tuple[str, ...]:
+    order = _DEFAULT_ORDER.get(device.type, ("torch",))
+    preferred = _tuning_table().get(op, {}).get(tuning_key) if tuning_key else None
+    if preferred and device.type == "cuda":
+        order = (preferred,) + tuple(b for b in order if b != preferred)
+    return order
+
+
+def explain(op: str, device: torch.device, *args, backend: Optional[str] = None,
+            tuning_key: Optional[str] = None, **kwargs) -> Tuple[Optional[str], List[str]]:
+    """(chosen backend or None, one line for each backend tried and passed over)."""
+    impls = _REGISTRY.get(op, {})
+    requested = backend or os.environ.get("GLCIC_FAST_BACKEND") or None
+    names = (requested,) if requested else _order(op, device, tuning_key)
+    skipped = []
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
+        impl = impls.get(name)
+        if impl is None:
+            reason = _LOAD_ERRORS.get(name, "not implemented for this op")
+        else:
+            reason = impl.why_not(*args, **kwargs)
+        if reason is None:
+            return name, skipped
+        skipped.append(f"{name}: {reason}")
+    return None, skipped
+
+
+def resolve(op: str, device: torch.device, *args, backend: Optional[str] = None,
+            tuning_key: Optional[str] = None, **kwargs) -> Tuple[str, Callable]:
+    name, skipped = explain(op, device, *args, backend=backend, tuning_key=tuning_key, **kwargs)
+    if name is None:
+        raise BackendUnavailable(f"{op}: no backend can run these arguments ({'; '.join(skipped)})")
+    return name, _REGISTRY[op][name].run
+
+
+def available_backends(op: str) -> List[str]:
+    """Backends with an implementation registered for ``op`` in this installation."""
+    return [b for b in BACKENDS if b in _REGISTRY.get(op, {})]
