@@ -83,6 +83,8 @@ def explain(op: str, device: torch.device, *args, backend: Optional[str] = None,
             raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
         impl = impls.get(name)
         if impl is None:
+            if not requested:  # the automatic order lists backends that only some ops have
+                continue
             reason = _LOAD_ERRORS.get(name, "not implemented for this op")
         else:
             reason = impl.why_not(*args, **kwargs)
