@@ -16,11 +16,14 @@ def _as_batch(t: torch.Tensor, name: str, channels: int) -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point with values in [0, 1], got {t.dtype} "
                         f"(for 8-bit images use tensor.float() / 255)")
+    return t
+
+
+def _check_values(t: torch.Tensor, name: str):
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     if t.min() < 0 or t.max() > 1:
         raise ValueError(f"{name} values must lie in [0, 1], got [{t.min().item():.4g}, {t.max().item():.4g}]")
-    return t
 
 
 def complete(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshold: float = 0.5) -> torch.Tensor:
@@ -41,14 +44,17 @@ def complete(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshold: fl
     parameter dtype. H and W are padded up to multiples of 4 by replicating the border
     (never resampled), and the result is cropped back.
     """
-    squeeze = image.dim() == 3
+    image_in = image
     image = _as_batch(image, "image", 3)
+    squeeze = image_in.dim() == 3
     mask = _as_batch(mask, "mask", 1)
     if mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} must have the same N, H and W")
     param = next(net.parameters())
     if image.device != param.device or mask.device != param.device:
         raise ValueError(f"image ({image.device}) and mask ({mask.device}) must be on the net's device ({param.device})")
+    _check_values(image, "image")
+    _check_values(mask, "mask")
     if not 0 <= mask_threshold < 1:
         raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
 

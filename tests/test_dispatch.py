@@ -1,0 +1,77 @@
+"""The dispatcher: quiet fallback for automatic choices, clear errors for named ones."""
+
+import pytest
+import torch
+
+from glcic_fast import CompletionNet, ops
+
+
+def _args():
+    x = torch.rand(1, 8, 6, 6)
+    w = torch.rand(4, 8, 3, 3)
+    return x, w, torch.rand(4)
+
+
+def test_automatic_choice_on_cpu_is_torch_and_is_explained():
+    x, w, b = _args()
+    chosen, skipped = ops.explain("conv2d_bias_act", x.device, x, w, b, 1, 1, 1, "relu", None, None)
+    assert chosen == "torch" and skipped == []
+
+
+def test_named_backend_that_cannot_run_raises_with_the_reason():
+    x, w, b = _args()
+    with pytest.raises(ops.BackendUnavailable, match="cuda"):
+        ops.conv2d_bias_act(x, w, b, padding=1, backend="cuda")
+
+
+def test_unknown_backend_name():
+    x, w, b = _args()
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.conv2d_bias_act(x, w, b, backend="mps")
+
+
+def test_environment_variable_names_the_backend(monkeypatch):
+    x, w, b = _args()
+    monkeypatch.setenv("GLCIC_FAST_BACKEND", "cuda")
+    with pytest.raises(ops.BackendUnavailable):
+        ops.conv2d_bias_act(x, w, b, padding=1)
+    monkeypatch.setenv("GLCIC_FAST_BACKEND", "torch")
+    assert ops.conv2d_bias_act(x, w, b, padding=1).shape == (1, 4, 6, 6)
+
+
+def test_op_argument_errors():
+    x, w, b = _args()
+    with pytest.raises(ValueError, match="activation"):
+        ops.conv2d_bias_act(x, w, b, activation="gelu")
+    with pytest.raises(ValueError, match="channels"):
+        ops.conv2d_bias_act(x[:, :4], w, b)
+    with pytest.raises(ValueError, match="give both or neither"):
+        ops.conv2d_bias_act(x, w, b, post_scale=torch.ones(4))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.conv2d_bias_act(x, w, torch.rand(3))
+    with pytest.raises(ValueError, match="float64"):
+        ops.conv2d_bias_act(x, w.double(), b)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "none"])
+def test_torch_backend_matches_the_formula(transposed, activation):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 7, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(*((8, 5) if transposed else (5, 8)), 4 if transposed else 3, 4 if transposed else 3, generator=g, dtype=torch.float64)
+    b, s, t = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(3))
+    if transposed:
+        got = ops.conv_transpose2d_bias_act(x, w, b, stride=2, padding=1, activation=activation, post_scale=s, post_shift=t, backend="torch")
+        y = torch.nn.functional.conv_transpose2d(x, w, b, stride=2, padding=1)
+    else:
+        got = ops.conv2d_bias_act(x, w, b, padding=2, dilation=2, activation=activation, post_scale=s, post_shift=t, backend="torch")
+        y = torch.nn.functional.conv2d(x, w, b, padding=2, dilation=2)
+    y = {"relu": torch.relu, "sigmoid": torch.sigmoid, "none": lambda v: v}[activation](y)
+    want = y * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_net_says_which_backend_runs_each_layer():
+    lines = CompletionNet().eval().explain_backends(torch.rand(1, 4, 16, 16))
+    assert len(lines) == 17 and lines[0].startswith("conv1: torch")
