@@ -70,3 +70,18 @@ COMPLETION_LAYERS = (
 IN_CHANNELS = 4
 #: H and W must be multiples of this (two stride-2 convs, two stride-2 deconvs).
 SIZE_MULTIPLE = 4
+
+
+def completion_macs(height: int, width: int) -> int:
+    """Multiply-accumulates of one forward pass at H x W (a transposed conv counts only
+    the taps that meet real input pixels: k*k/stride^2 per output pixel)."""
+    total, h, w = 0, height, width
+    for spec in COMPLETION_LAYERS:
+        if spec.transposed:
+            h, w = h * spec.stride, w * spec.stride
+            taps = spec.kernel_size ** 2 // spec.stride ** 2
+        else:
+            h, w = h // spec.stride, w // spec.stride
+            taps = spec.kernel_size ** 2
+        total += h * w * spec.out_channels * spec.in_channels * taps
+    return total

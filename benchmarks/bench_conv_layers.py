@@ -1,0 +1,105 @@
+"""Per-layer speed of the completion net's fused convs: Triton kernels vs the torch backend.
+
+Every layer of the completion net (glcic_fast.architecture) on the activations a 1024x1024
+input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/) against
+backend "torch" (cuDNN, channels_last input and weight). extra_info holds the layer, its
+GEMM shape, milliseconds (CUDA events) and TFLOP/s. CUDA only: skipped without a GPU.
+
+    pytest benchmarks/bench_conv_layers.py --benchmark-group-by=group
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from glcic_fast import ops
+from glcic_fast.architecture import COMPLETION_LAYERS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+IMAGE = 1024
+
+
+def _import_backend():
+    try:
+        return importlib.import_module("glcic_fast.kernels.conv2d_bias_act")
+    except ImportError:
+        return importlib.import_module("kernels.conv2d_bias_act")
+
+
+def _layer_inputs(size=IMAGE):
+    """(spec, input H = W) for each layer on a size x size image."""
+    out = []
+    for spec in COMPLETION_LAYERS:
+        out.append((spec, size))
+        k, s, p, d = spec.kernel_size, spec.stride, spec.padding, spec.dilation
+        size = (size - 1) * s - 2 * p + k if spec.transposed else (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return out
+
+
+LAYERS = _layer_inputs()
+
+
+def _flops(spec, batch, size):
+    k = spec.kernel_size
+    if spec.transposed:  # every input pixel meets every kernel tap once
+        return 2 * batch * size * size * spec.in_channels * spec.out_channels * k * k
+    out = (size + 2 * spec.padding - spec.dilation * (k - 1) - 1) // spec.stride + 1
+    return 2 * batch * out * out * spec.in_channels * spec.out_channels * k * k
+
+
+def _cuda_ms(fn, iters=10):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("spec,size", [pytest.param(s, n, id=f"{s.name}-{n}px") for s, n in LAYERS])
+def test_conv_layer(benchmark, spec, size, batch, backend):
+    if backend == "triton":
+        _import_backend()  # registers the backend (a source checkout does not import it itself)
+    dtype, dev = torch.bfloat16, "cuda"
+    g = torch.Generator(device=dev).manual_seed(spec.index)
+    x = torch.randn(batch, spec.in_channels, size, size, device=dev, generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    fan_in = spec.in_channels * spec.kernel_size ** 2
+    w = (torch.randn(*spec.weight_shape, device=dev, generator=g) * (2.0 / fan_in) ** 0.5).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(spec.out_channels, device=dev, generator=g).to(dtype) * 0.1
+    scale = shift = None
+    if spec.has_bn:
+        scale = torch.rand(spec.out_channels, device=dev, generator=g).to(dtype) + 0.5
+        shift = torch.randn(spec.out_channels, device=dev, generator=g).to(dtype) * 0.1
+    op = ops.conv_transpose2d_bias_act if spec.transposed else ops.conv2d_bias_act
+    kwargs = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+                  activation=spec.activation, post_scale=scale, post_shift=shift, backend=backend)
+
+    def run():
+        return op(x, w, b, **kwargs)
+
+    with torch.no_grad():
+        for _ in range(3):  # autotuning, cuDNN heuristics, weight repacking
+            y = run()
+        torch.cuda.synchronize()
+        ms = _cuda_ms(run)
+
+        def timed():
+            run()
+            torch.cuda.synchronize()
+
+        benchmark.group = f"{spec.name}-{size}px-b{batch}"
+        flops = _flops(spec, batch, size)
+        benchmark.extra_info.update({
+            "layer": spec.name, "backend": backend, "batch": batch, "input_hw": size,
+            "dtype": "bf16", "out_shape": list(y.shape), "gflop": flops / 1e9,
+            "ms_cuda_events": ms, "tflops": flops / (ms * 1e-3) / 1e12,
+        })
+        benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+    assert not torch.isnan(y).any()

@@ -1,0 +1,142 @@
+"""Whole-network inference: how fast is glcic_fast on this machine, and is it right?
+
+On a GPU: 512^2, 1024^2, 2048^2 (4096^2 where memory allows), batch 1 and 8, for
+  - the reference in eager fp32 NCHW (what users run today),
+  - the reference in eager bf16 channels_last,
+  - torch.compile(mode="max-autotune") of the reference with BN folded, bf16 channels_last,
+  - glcic_fast in bf16 with each available backend and with the dispatcher's choice.
+On the CPU: 512^2 and 1024^2, batch 1, fp32: the reference vs glcic_fast (torch backend).
+
+Every result's extra_info carries the device and versions, ms per megapixel, TFLOP/s and
+its fraction of the measured bf16 GEMM ceiling, and the max difference to the fp32
+reference on the same input (a fast result that is wrong is not a result).
+
+    pytest benchmarks/bench_net.py --benchmark-only
+"""
+
+import pytest
+import torch
+
+from glcic_fast import CompletionNet, ops
+from glcic_fast.architecture import completion_macs
+from glcic_fast.reference import ReferenceCompletionNet
+
+from conftest import provenance, synchronized
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+if CUDA:
+    SHAPES = [(b, s) for s in (512, 1024, 2048, 4096) for b in (1, 8)]
+    VARIANTS = ["reference-fp32-nchw", "reference-bf16-cl", "compile-max-autotune-folded-bf16"] + \
+               [f"glcic_fast-{b}-bf16" for b in ("auto", "torch", "triton", "cuda")]
+else:
+    SHAPES = [(1, 512), (1, 1024)]
+    VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32"]
+
+# Bytes of activations per pixel at batch 1 (bf16 and its workspace, rough): used only to
+# skip shapes that cannot fit on the GPU at hand.
+_BYTES_PER_PIXEL_FP32 = 2400
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    return CompletionNet().state_dict()
+
+
+def _folded_reference(net: CompletionNet) -> torch.nn.Sequential:
+    """The reference graph with BN folded (conv -> BN -> ReLU order): conv + ReLU modules."""
+    modules = []
+    for layer in net.fused_layers(torch.float32, torch.device(DEVICE)):
+        spec = layer.spec
+        cls = torch.nn.ConvTranspose2d if spec.transposed else torch.nn.Conv2d
+        conv = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
+                   dilation=spec.dilation).to(DEVICE)
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight)
+            conv.bias.copy_(layer.bias)
+        modules += [conv, torch.nn.ReLU(inplace=True) if spec.has_bn else torch.nn.Sigmoid()]
+    return torch.nn.Sequential(*modules)
+
+
+def _build(variant, state):
+    """(callable taking the fp32 NCHW input, input preparation) for a variant."""
+    if variant.startswith("reference") or variant.startswith("compile"):
+        ref = ReferenceCompletionNet().to(DEVICE)
+        ref.load_state_dict(state)
+        ref.eval()
+        if variant == "reference-fp32-nchw":
+            return ref, lambda x: x
+        if variant == "reference-bf16-cl":
+            ref = ref.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+            return ref, lambda x: x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        net = CompletionNet().to(DEVICE)
+        net.load_state_dict(state)
+        net.eval()
+        folded = _folded_reference(net).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        return torch.compile(folded, mode="max-autotune"), \
+            lambda x: x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    _, backend, dtype = variant.split("-")
+    net = CompletionNet(backend=None if backend == "auto" else backend).to(DEVICE)
+    net.load_state_dict(state)
+    net.eval()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    return net, lambda x: x.to(dtype=dtype)
+
+
+def _skip_reason(variant, batch, size):
+    if CUDA:
+        free, _ = torch.cuda.mem_get_info()
+        if batch * size * size * _BYTES_PER_PIXEL_FP32 > free:
+            return f"{batch} x {size}^2 does not fit in the {free / 2**30:.0f} GiB free on this GPU"
+    if variant.startswith("glcic_fast-") and variant.split("-")[1] not in ("auto", "torch"):
+        backend = variant.split("-")[1]
+        x = torch.empty(1, 4, 8, 8, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.empty(8, 4, 3, 3, device=DEVICE, dtype=torch.bfloat16)
+        chosen, skipped = ops.explain("conv2d_bias_act", x.device, x, w, None, 1, 1, 1, "relu", None, None, backend=backend)
+        if chosen is None:
+            return f"backend {backend} cannot run here: {'; '.join(skipped)}"
+    return None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch, size", SHAPES, ids=[f"b{b}-{s}" for b, s in SHAPES])
+def test_net_inference(benchmark, weights, bf16_gemm_tflops, variant, batch, size):
+    reason = _skip_reason(variant, batch, size)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"net-{DEVICE}-b{batch}-{size}"
+    model, prepare = _build(variant, weights)
+    x32, want = _input_and_reference_output(weights, batch, size)
+    x = prepare(x32)
+    with torch.inference_mode():
+        max_diff = (model(x).float() - want).abs().max().item()
+        benchmark.pedantic(synchronized(model), args=(x,), rounds=5 if CUDA else 2, iterations=1,
+                           warmup_rounds=2 if CUDA else 1)
+    tolerance = 1e-4 if variant.endswith("fp32") or variant.endswith("nchw") else 5e-2
+    assert max_diff <= tolerance, f"{variant} differs from the reference by {max_diff}"
+    info = provenance()
+    info.update({"variant": variant, "batch": batch, "size": size, "max_abs_diff_to_fp32_reference": max_diff})
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        seconds = benchmark.stats.stats.median
+        tflops = 2 * completion_macs(size, size) * batch / seconds / 1e12
+        info.update({"ms_per_megapixel": seconds * 1e3 / (batch * size * size / 2**20), "tflops": tflops,
+                     "bf16_gemm_ceiling_tflops": bf16_gemm_tflops,
+                     "fraction_of_bf16_gemm_ceiling": None if bf16_gemm_tflops is None else tflops / bf16_gemm_tflops})
+    benchmark.extra_info.update(info)
+
+
+_REFERENCE_OUTPUTS = {}
+
+
+def _input_and_reference_output(weights, batch, size):
+    """The fp32 input and the fp32 eager reference's output, computed once per shape."""
+    if (batch, size) not in _REFERENCE_OUTPUTS:
+        _REFERENCE_OUTPUTS.clear()  # keep one shape's tensors alive at a time
+        x32 = torch.rand(batch, 4, size, size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        reference = ReferenceCompletionNet().to(DEVICE)
+        reference.load_state_dict(weights)
+        with torch.inference_mode():
+            _REFERENCE_OUTPUTS[(batch, size)] = (x32, reference.eval()(x32).float())
+    return _REFERENCE_OUTPUTS[(batch, size)]
