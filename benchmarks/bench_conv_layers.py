@@ -2,8 +2,9 @@
 
 Every layer of the completion net (glcic_fast.architecture) on the activations a 1024x1024
 input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/) against
-backend "torch" (cuDNN, channels_last input and weight). extra_info holds the layer, its
-GEMM shape, milliseconds (CUDA events) and TFLOP/s. CUDA only: skipped without a GPU.
+backend "torch" (cuDNN, channels_last input and weight). extra_info holds the device and
+versions, the layer, milliseconds (CUDA events), TFLOP/s and its fraction of the measured
+bf16 GEMM ceiling. CUDA only: skipped without a GPU.
 
     pytest benchmarks/bench_conv_layers.py --benchmark-group-by=group
 """
@@ -15,6 +16,8 @@ import torch
 
 from glcic_fast import ops
 from glcic_fast.architecture import COMPLETION_LAYERS
+
+from conftest import provenance, synchronized
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,7 +65,7 @@ def _cuda_ms(fn, iters=10):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("spec,size", [pytest.param(s, n, id=f"{s.name}-{n}px") for s, n in LAYERS])
-def test_conv_layer(benchmark, spec, size, batch, backend):
+def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
     if backend == "triton":
         _import_backend()  # registers the backend (a source checkout does not import it itself)
     dtype, dev = torch.bfloat16, "cuda"
@@ -90,16 +93,15 @@ def test_conv_layer(benchmark, spec, size, batch, backend):
         torch.cuda.synchronize()
         ms = _cuda_ms(run)
 
-        def timed():
-            run()
-            torch.cuda.synchronize()
-
         benchmark.group = f"{spec.name}-{size}px-b{batch}"
         flops = _flops(spec, batch, size)
+        tflops = flops / (ms * 1e-3) / 1e12
+        benchmark.extra_info.update(provenance())
         benchmark.extra_info.update({
             "layer": spec.name, "backend": backend, "batch": batch, "input_hw": size,
             "dtype": "bf16", "out_shape": list(y.shape), "gflop": flops / 1e9,
-            "ms_cuda_events": ms, "tflops": flops / (ms * 1e-3) / 1e12,
+            "ms_cuda_events": ms, "tflops": tflops,
+            "fraction_of_bf16_gemm": tflops / bf16_gemm_tflops if bf16_gemm_tflops else None,
         })
-        benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(synchronized(run), rounds=20, iterations=1, warmup_rounds=2)
     assert not torch.isnan(y).any()

@@ -1,0 +1,1 @@
+from . import conv2d_bias_act  # noqa: F401  (registers the "triton" backend of the conv ops)

@@ -1,0 +1,524 @@
+"""The Triton backend of the fused convolution ops (glcic_fast.ops.conv).
+
+One implicit-GEMM kernel over NHWC (channels_last) tensors computes, for every layer of the
+completion net,
+
+    y = act(conv(x, w) + bias)  [* post_scale + post_shift]  -> cast to x's dtype
+
+with fp32 accumulation and the whole epilogue fused (no intermediate tensor).
+
+GEMM view. Rows (M) are output pixels n*OH*OW + oh*OW + ow, columns (N) output channels,
+the reduction (K) runs over (kh, kw, cin) in that order. The weight is repacked once into a
+dense [KH*KW*Cin, Cout] matrix (cached, see ``_packed_weight``), so a K slice of it is a plain
+2-d tile. Two ways to walk K, chosen at compile time:
+
+* per tap (Cin a multiple of BLOCK_K: every layer but the first): the loop runs over
+  (tap, channel block); the A tile is BLOCK_M pixels x BLOCK_K contiguous channels of one
+  shifted input pixel, zero where the tap falls in the padding.
+* flat (Cin not a multiple of BLOCK_K: the 5x5 conv on 4 channels): K = 25*4 = 100 is walked
+  in BLOCK_K >= 16 slices, each element's (kh, kw, cin) recovered by div/mod and masked past
+  K: the padding of K costs 12 of 112 columns rather than 12 of every 16.
+
+Transposed convolutions (GLCIC's 4x4, stride 2, padding 1 deconvs) are never zero-stuffed:
+output pixels oh = s*q + a (phase a in [0, s)) receive only the taps kh = r + s*j with
+r = (a + p) mod s, reading input row q + (a + p) // s - j. Each of the s*s phases is thus a
+dense ceil(K/s) x ceil(K/s) convolution (2x2 for the GLCIC deconvs) with its own slice of
+the repacked weight; one launch covers all phases (phase = grid axis 1).
+
+Output channels are masked (Cout = 3 for the last layer runs in a BLOCK_N >= 32 tile).
+Pixel offsets are int64 (batch * H * W * C may pass 2^31).
+
+The kernels are registered as torch custom ops ``glcic_fast::triton_conv2d_bias_act`` and
+``glcic_fast::triton_conv_transpose2d_bias_act`` (torch.library.triton_op, so torch.compile
+and torch.export keep them as single fused ops) and with the dispatcher as backend
+``"triton"``.
+"""
+
+import collections
+import os
+import threading
+import weakref
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from glcic_fast.ops import dispatch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+#: None: follow torch (torch.backends.cuda.matmul.allow_tf32 / fp32_precision == "tf32");
+#: True / False: force TF32 on / off for fp32 inputs. The default torch setting is off, so
+#: fp32 is computed exactly (input_precision="ieee").
+ALLOW_TF32: Optional[bool] = None
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACT_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
+
+
+# --------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------
+
+def _hopper_configs():
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 256, 32, 8, 4),
+        (64, 256, 64, 8, 3),
+        (128, 32, 64, 4, 4),  # narrow outputs (Cout = 3 / 32)
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+def _interpreter_configs():
+    # The interpreter runs one program at a time in numpy: few, large programs are fastest.
+    return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much wider than Cout and those whose pipeline would not fit in shared memory."""
+    c_out = named_args["C_out"]
+    itemsize = named_args["x_ptr"].dtype.itemsize
+    cap_n = max(32, triton.next_power_of_2(c_out))
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + bk * bn) * itemsize
+        if bn <= cap_n and smem <= 200 * 1024:
+            kept.append(c)
+    if not kept:  # always leave the smallest tile
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return kept
+
+
+@triton.autotune(
+    configs=_interpreter_configs() if _INTERPRET else _hopper_configs(),
+    key=["M", "H", "W", "C_out", "C_IN", "KH", "KW", "STRIDE", "PAD", "DIL", "TRANSPOSED"],
+    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _conv_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr,
+    M, H, W, OH, OW, QH, QW, C_out,
+    C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr, TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x: [N, H, W, C_IN] dense; w: [PHASES, KH*KW*C_IN, C_out] dense; out: [N, OH, OW, C_out].
+
+    Conv: QH = OH, QW = OW, M = N*OH*OW, tap (kh, kw) reads x[oh*STRIDE - PAD + kh*DIL, ...].
+    Transposed (KH = KW = taps per phase, STRIDE = s, PAD = p): phase (a, b) = program_id(1),
+    row q of the phase is output row s*q + a and tap j reads input row q + (a + p)//s - j.
+    """
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    num_n = tl.cdiv(C_out, BLOCK_N)
+    pid_n = pid % num_n          # n fastest: neighbouring programs share the A tile in L2
+    pid_m = pid // num_n
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < C_out
+
+    qw = (offs_m % QW).to(tl.int32)
+    t = offs_m // QW
+    qh = (t % QH).to(tl.int32)
+    nb = t // QH                                      # int64 batch index
+    x_row = nb * H * W * C_IN                         # int64 base of each pixel's image
+
+    if TRANSPOSED:
+        a = phase // STRIDE
+        b = phase % STRIDE
+        ih0 = qh + (a + PAD) // STRIDE
+        iw0 = qw + (b + PAD) // STRIDE
+        step = -1
+        oh = qh * STRIDE + a
+        ow = qw * STRIDE + b
+        row_ok = m_mask & (oh < OH) & (ow < OW)
+        out_row = (nb * OH + oh) * OW + ow            # int64
+        w_base = w_ptr + phase * (KH * KW * C_IN) * C_out
+    else:
+        ih0 = qh * STRIDE - PAD
+        iw0 = qw * STRIDE - PAD
+        step = DIL
+        row_ok = m_mask
+        out_row = offs_m
+        w_base = w_ptr
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if C_IN % BLOCK_K == 0:
+        # Per tap: K = (tap, channel block); A rows are contiguous channel runs.
+        CB: tl.constexpr = C_IN // BLOCK_K
+        for it in range(0, KH * KW * CB):
+            tap = it // CB
+            c0 = (it - tap * CB) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * step
+            iw = iw0 + kw * step
+            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = x_row + (ih * W + iw).to(tl.int64) * C_IN + c0
+            a_tile = tl.load(x_ptr + pix[:, None] + offs_k[None, :], mask=ok[:, None], other=0.0)
+            w_rows = it * BLOCK_K + offs_k
+            b_tile = tl.load(w_base + w_rows[:, None] * C_out + offs_n[None, :],
+                             mask=n_mask[None, :], other=0.0)
+            if UPCAST:
+                a_tile = a_tile.to(tl.float32)
+                b_tile = b_tile.to(tl.float32)
+            acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    else:
+        # Flat: K = KH*KW*C_IN walked in BLOCK_K slices, (kh, kw, c) recovered per element.
+        K_TOTAL: tl.constexpr = KH * KW * C_IN
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K_TOTAL
+            c = kk % C_IN
+            tap = kk // C_IN
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0[:, None] + (kh * step)[None, :]
+            iw = iw0[:, None] + (kw * step)[None, :]
+            ok = (row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            pix = x_row[:, None] + (ih * W + iw).to(tl.int64) * C_IN + c[None, :]
+            a_tile = tl.load(x_ptr + pix, mask=ok, other=0.0)
+            b_tile = tl.load(w_base + kk[:, None] * C_out + offs_n[None, :],
+                             mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:
+                a_tile = a_tile.to(tl.float32)
+                b_tile = b_tile.to(tl.float32)
+            acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+    # Epilogue, all in fp32: + bias, activation, per-channel affine, one rounding to the output dtype.
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = 1.0 / (1.0 + tl.exp(-acc))
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :] + shift[None, :]
+    out_ptrs = out_ptr + out_row[:, None] * C_out + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Weight repacking, cached
+# --------------------------------------------------------------------------------------
+
+def _pack_conv_weight(weight):
+    """(Cout, Cin, KH, KW) -> [1, KH*KW*Cin, Cout], row (kh*KW + kw)*Cin + c."""
+    c_out, c_in, kh, kw = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(1, kh * kw * c_in, c_out).contiguous()
+
+
+def _pack_deconv_weight(weight, stride, padding):
+    """(Cin, Cout, K, K) -> [s*s, T*T*Cin, Cout], T = ceil(K/s): phase (a, b), tap (jh, jw)
+    holds w[:, :, rh + s*jh, rw + s*jw] with r = (a + p) mod s (zero where that passes K)."""
+    c_in, c_out, k, _ = weight.shape
+    s = stride
+    taps = -(-k // s)
+    if taps * s != k:
+        weight = torch.nn.functional.pad(weight, (0, taps * s - k, 0, taps * s - k))
+    # kh = j*s + r  ->  [Cin, Cout, jh, rh, jw, rw] -> [rh, rw, jh, jw, Cin, Cout]
+    w6 = weight.reshape(c_in, c_out, taps, s, taps, s).permute(3, 5, 2, 4, 0, 1)
+    perm = [(a + padding) % s for a in range(s)]
+    phases = [w6[rh, rw] for rh in perm for rw in perm]  # phase a*s + b
+    return torch.stack(phases).reshape(s * s, taps * taps * c_in, c_out).contiguous()
+
+
+_CACHE_LOCK = threading.Lock()
+_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_CACHE_SIZE = 256
+
+
+def clear_weight_cache():
+    """Forget every repacked weight (needed only after a weight is changed behind autograd's
+    version counter, e.g. through ``param.data.copy_``)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    """True for the fake / functional / proxied tensors of torch.compile and torch.export:
+    those cannot be cached by address, and the repack is traced as plain torch ops."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return True
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return True
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+        if get_proxy_mode() is not None:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return torch._is_functional_tensor(t)
+
+
+def _packed_weight(weight, transposed, stride, padding):
+    """The GEMM layout of ``weight``, repacked once per (storage, version, dtype, layout).
+
+    An entry is keyed on weight.data_ptr() and checked against weight._version and a weak
+    reference to the tensor it was made from, so a freed weight whose address is reused
+    is never mistaken for the cached one.
+    """
+    if _is_traced(weight):
+        return _pack_deconv_weight(weight, stride, padding) if transposed else _pack_conv_weight(weight)
+    key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride(),
+           transposed, stride if transposed else 0, padding if transposed else 0)
+    version = weight._version
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None:
+            ref, ver, packed = entry
+            if ref() is not None and ver == version:
+                _CACHE.move_to_end(key)
+                return packed
+    with torch.no_grad():
+        packed = _pack_deconv_weight(weight, stride, padding) if transposed else _pack_conv_weight(weight)
+
+    def _forget(dead_ref, key=key):
+        with _CACHE_LOCK:
+            entry = _CACHE.get(key)
+            if entry is not None and entry[0] is dead_ref:
+                del _CACHE[key]
+
+    with _CACHE_LOCK:
+        _CACHE[key] = (weakref.ref(weight, _forget), version, packed)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return packed
+
+
+def _cache_len():
+    return len(_CACHE)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers (with an optional preallocated output: tests poison it)
+# --------------------------------------------------------------------------------------
+
+def _tf32_enabled():
+    if ALLOW_TF32 is not None:
+        return bool(ALLOW_TF32)
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) == "tf32":
+        return True
+    return bool(matmul.allow_tf32)
+
+
+def _conv_out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _deconv_out_size(size, k, stride, padding, dilation):
+    return (size - 1) * stride - 2 * padding + dilation * (k - 1) + 1
+
+
+def _check_out(out, shape, x):
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if tuple(out.shape) != tuple(shape) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {x.dtype} {tuple(shape)} on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("out must be contiguous in channels_last memory format")
+    return out
+
+
+def _launch(x, packed, bias, post_scale, post_shift, out, *, c_out, taps_h, taps_w, stride,
+            padding, dilation, transposed, activation):
+    n, c_in, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    phases = stride * stride if transposed else 1
+    qh, qw = (-(-oh // stride), -(-ow // stride)) if transposed else (oh, ow)
+    m = n * qh * qw
+    if m == 0 or c_out == 0 or out.numel() == 0:
+        return out
+    x = x.contiguous(memory_format=torch.channels_last)
+    bias, post_scale, post_shift = (t.contiguous() if t is not None else None
+                                    for t in (bias, post_scale, post_shift))
+    dummy = packed  # never read when the matching flag is off
+    fp32 = x.dtype == torch.float32
+    precision = "ieee" if fp32 and not _tf32_enabled() else "tf32"
+    upcast = _INTERPRET and x.dtype == torch.bfloat16  # the interpreter's dot reads bf16 as integers
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), phases)
+
+    wrap = getattr(torch.library, "wrap_triton", None)
+    kernel = wrap(_conv_gemm_kernel) if wrap is not None else _conv_gemm_kernel
+    kernel[grid](
+        x, packed,
+        bias if bias is not None else dummy,
+        post_scale if post_scale is not None else dummy,
+        post_shift if post_shift is not None else dummy,
+        out,
+        m, h, w, oh, ow, qh, qw, c_out,
+        c_in, taps_h, taps_w, stride, padding, dilation, transposed,
+        bias is not None, _ACT_CODES[activation], post_scale is not None,
+        upcast, precision,
+    )
+    return out
+
+
+def launch_conv2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift,
+                  out=None):
+    """act(conv2d(x, weight) + bias) [* post_scale + post_shift] into ``out`` (allocated
+    channels_last when None). x may be in any memory format."""
+    n, _, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    shape = (n, c_out, _conv_out_size(h, k, stride, padding, dilation),
+             _conv_out_size(w, k, stride, padding, dilation))
+    out = _check_out(out, shape, x)
+    packed = _packed_weight(weight, False, stride, padding)
+    return _launch(x, packed, bias, post_scale, post_shift, out, c_out=c_out, taps_h=k, taps_w=k,
+                   stride=stride, padding=padding, dilation=dilation, transposed=False,
+                   activation=activation)
+
+
+def launch_conv_transpose2d(x, weight, bias, stride, padding, dilation, activation, post_scale,
+                            post_shift, out=None):
+    """act(conv_transpose2d(x, weight) + bias) [* post_scale + post_shift] as s*s phase convs.
+    Dilation must be 1."""
+    if dilation != 1:
+        raise ValueError("the Triton transposed convolution supports dilation 1 only")
+    n, _, h, w = x.shape
+    _, c_out, k, _ = weight.shape
+    shape = (n, c_out, _deconv_out_size(h, k, stride, padding, 1),
+             _deconv_out_size(w, k, stride, padding, 1))
+    out = _check_out(out, shape, x)
+    packed = _packed_weight(weight, True, stride, padding)
+    taps = -(-k // stride)
+    return _launch(x, packed, bias, post_scale, post_shift, out, c_out=c_out, taps_h=taps,
+                   taps_w=taps, stride=stride, padding=padding, dilation=1, transposed=True,
+                   activation=activation)
+
+
+# --------------------------------------------------------------------------------------
+# torch custom ops
+# --------------------------------------------------------------------------------------
+
+_CONV_OP = "glcic_fast::triton_conv2d_bias_act"
+_DECONV_OP = "glcic_fast::triton_conv_transpose2d_bias_act"
+
+
+def _conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               post_scale: Optional[torch.Tensor], post_shift: Optional[torch.Tensor],
+               stride: int, padding: int, dilation: int, activation: str) -> torch.Tensor:
+    return launch_conv2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift)
+
+
+def _deconv_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 post_scale: Optional[torch.Tensor], post_shift: Optional[torch.Tensor],
+                 stride: int, padding: int, dilation: int, activation: str) -> torch.Tensor:
+    return launch_conv_transpose2d(x, weight, bias, stride, padding, dilation, activation,
+                                   post_scale, post_shift)
+
+
+def _conv_fake(x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation):
+    n, _, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    return x.new_empty((n, c_out, _conv_out_size(h, k, stride, padding, dilation),
+                        _conv_out_size(w, k, stride, padding, dilation))
+                       ).contiguous(memory_format=torch.channels_last)
+
+
+def _deconv_fake(x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation):
+    n, _, h, w = x.shape
+    _, c_out, k, _ = weight.shape
+    return x.new_empty((n, c_out, _deconv_out_size(h, k, stride, padding, dilation),
+                        _deconv_out_size(w, k, stride, padding, dilation))
+                       ).contiguous(memory_format=torch.channels_last)
+
+
+def _op_exists(qualname):
+    ns, name = qualname.split("::")
+    return hasattr(getattr(torch.ops, ns), name) and torch._C._dispatch_has_kernel(qualname)
+
+
+def _define(qualname, impl, fake):
+    """Register ``impl`` as a custom op once per process (this module may be imported under
+    two names: glcic_fast.kernels.* when installed, kernels.* from a checkout)."""
+    ns, name = qualname.split("::")
+    if _op_exists(qualname):
+        return getattr(getattr(torch.ops, ns), name).default
+    if hasattr(torch.library, "triton_op") and not _INTERPRET:
+        # Traceable: torch.export keeps the op, Inductor sees (and schedules) the kernel;
+        # ``impl`` doubles as the fake kernel (wrap_triton records instead of launching).
+        return torch.library.triton_op(qualname, impl, mutates_args=())
+    # Under the interpreter the kernel is a plain Python function that cannot be traced
+    # (and torch < 2.6 has no triton_op): an opaque custom op with an explicit fake kernel.
+    op = torch.library.custom_op(qualname, impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+conv2d_op = _define(_CONV_OP, _conv_impl, _conv_fake)
+conv_transpose2d_op = _define(_DECONV_OP, _deconv_impl, _deconv_fake)
+
+
+# --------------------------------------------------------------------------------------
+# Dispatcher backend "triton"
+# --------------------------------------------------------------------------------------
+
+def _why_not(transposed, x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    if x.device.type != "cuda" and not _INTERPRET:
+        return (f"Triton runs on CUDA tensors (x is on {x.device.type}); set TRITON_INTERPRET=1 "
+                "before triton is imported to run its kernels in the CPU interpreter")
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16 are)"
+    tensors = (x, weight, bias, post_scale, post_shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "autograd is recording and the Triton kernels have no backward"
+    if stride < 1:
+        return f"stride {stride} is not supported (it must be at least 1)"
+    if dilation < 1:
+        return f"dilation {dilation} is not supported (it must be at least 1)"
+    if transposed and dilation != 1:
+        return f"transposed convolution with dilation {dilation} is not supported (only 1)"
+    if weight.shape[2] != weight.shape[3]:
+        return "non-square kernels are not supported"
+    _, _, h, w = x.shape
+    k = weight.shape[2]
+    size = _deconv_out_size if transposed else _conv_out_size
+    if size(h, k, stride, padding, dilation) <= 0 or size(w, k, stride, padding, dilation) <= 0:
+        return "the output would be empty (the input is smaller than the kernel)"
+    return None
+
+
+def _why_not_conv(*args):
+    return _why_not(False, *args)
+
+
+def _why_not_deconv(*args):
+    return _why_not(True, *args)
+
+
+def _run_conv(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    return torch.ops.glcic_fast.triton_conv2d_bias_act(
+        x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
+
+
+def _run_deconv(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    return torch.ops.glcic_fast.triton_conv_transpose2d_bias_act(
+        x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
+
+
+dispatch.register("conv2d_bias_act", "triton", _run_conv, _why_not_conv)
+dispatch.register("conv_transpose2d_bias_act", "triton", _run_deconv, _why_not_deconv)
