@@ -101,12 +101,14 @@ class CompletionNet(ReferenceCompletionNet):
         While autograd records, the folding is recomputed inside the graph so that
         gradients reach the parameters."""
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if recording:
+        tensors = list(self.state_dict(keep_vars=True).values())
+        if recording or any(t.is_inference() for t in tensors):  # inference tensors have no version counter
             return self._fold(dtype, device)
-        key = (dtype, device, self.bn_after_relu,
-               tuple((t.data_ptr(), t._version) for t in self.state_dict(keep_vars=True).values()))
+        key = (dtype, device, self.bn_after_relu, tuple((t.data_ptr(), t._version) for t in tensors))
         if self._fused_cache is None or self._fused_cache[0] != key:
-            with torch.no_grad():
+            # Normal (not inference) tensors even when called under inference_mode, so that
+            # backends can key their own caches on the folded weights' version counters.
+            with torch.inference_mode(False), torch.no_grad():
                 self._fused_cache = (key, self._fold(dtype, device))
         return self._fused_cache[1]
 

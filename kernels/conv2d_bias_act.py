@@ -276,7 +276,7 @@ def _packed_weight(weight, transposed, stride, padding):
     reference to the tensor it was made from, so a freed weight whose address is reused
     is never mistaken for the cached one.
     """
-    if _is_traced(weight):
+    if _is_traced(weight) or weight.is_inference():  # inference tensors have no version counter
         return _pack_deconv_weight(weight, stride, padding) if transposed else _pack_conv_weight(weight)
     key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride(),
            transposed, stride if transposed else 0, padding if transposed else 0)

@@ -136,3 +136,14 @@ def test_network_input_errors():
 def test_repr_says_what_it_holds():
     text = repr(CompletionNet(True))
     assert "conv -> ReLU -> BN (GLCIC-PyTorch)" in text and "mean_filled_hole" in text
+
+
+def test_net_built_under_inference_mode():
+    """Parameters that are inference tensors have no version counter: folding is then
+    redone on every call rather than cached on a key that cannot see changes."""
+    with torch.inference_mode():
+        net = randomize(CompletionNet(), seed=12).eval()
+        ref = ReferenceCompletionNet()
+        ref.load_state_dict(net.state_dict())
+        x = torch.rand(1, 4, 16, 16)
+        assert (net(x) - ref.eval()(x)).abs().max() <= 1e-4

@@ -1,0 +1,51 @@
+"""The whole CompletionNet on each backend vs the reference graph.
+
+On the CPU the Triton backend runs through Triton's interpreter at a small size; on a GPU
+every backend runs at 512 x 512 in fp32 and bf16."""
+
+import os
+
+import pytest
+import torch
+
+from glcic_fast import CompletionNet, ops
+from glcic_fast.reference import ReferenceCompletionNet
+
+from helpers import randomize
+
+CUDA = torch.cuda.is_available()
+
+
+def _pair(bn_after_relu, backend, device):
+    net = randomize(CompletionNet(bn_after_relu, backend=backend), seed=11).to(device).eval()
+    ref = ReferenceCompletionNet(bn_after_relu).to(device)
+    ref.load_state_dict(net.state_dict())
+    return net, ref.eval()
+
+
+@pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU check runs Triton's interpreter")
+@pytest.mark.parametrize("bn_after_relu", [False, True])
+def test_triton_net_on_the_interpreter(bn_after_relu):
+    net, ref = _pair(bn_after_relu, "triton", "cpu")
+    x = torch.rand(1, 4, 16, 12, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, want = net(x), ref(x)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", [None, "torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("bn_after_relu", [False, True])
+def test_net_on_gpu_512(backend, dtype, tolerance, bn_after_relu):
+    if backend is not None and not ops.available_backends("conv2d_bias_act").count(backend):
+        pytest.skip(f"backend {backend} is not available: {ops.BACKEND_LOAD_ERRORS.get(backend, 'not registered')}")
+    net, ref = _pair(bn_after_relu, backend, "cuda")
+    x = torch.rand(2, 4, 512, 512, generator=torch.Generator().manual_seed(0)).cuda()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.inference_mode():
+        want = ref(x)
+        got = net(x.to(dtype)).float()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= tolerance
