@@ -52,8 +52,16 @@ def _validate(x, weight, bias, activation, post_scale, post_shift, out_channels,
         raise ValueError(f"post_scale and post_shift must have shape ({out_channels},)")
 
 
-def _tuning_key(kind, x, weight, k, stride, dilation):
-    return f"{kind}:{x.shape[1]}:{weight.shape[0] if kind == 'conv' else weight.shape[1]}:k{k}:s{stride}:d{dilation}:{str(x.dtype).split('.')[-1]}"
+def _dispatch(op, transposed, x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift, backend):
+    stride, padding, dilation = (_pair_int(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    # Conv weights are (Cout, Cin, k, k); transposed-conv weights are (Cin, Cout, k, k).
+    c_in, c_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    _validate(x, weight, bias, activation, post_scale, post_shift, c_out, c_in)
+    args = (x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift)
+    tuning_key = (f"{'deconv' if transposed else 'conv'}:{c_in}:{c_out}:k{weight.shape[2]}:s{stride}:d{dilation}:"
+                  f"{str(x.dtype).split('.')[-1]}")
+    _, run = dispatch.resolve(op, x.device, *args, backend=backend, tuning_key=tuning_key)
+    return run(*args)
 
 
 def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
@@ -61,12 +69,8 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     post_scale: Optional[torch.Tensor] = None, post_shift: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """act(conv2d(x, weight) + bias) [* post_scale + post_shift], weight (Cout, Cin, k, k)."""
-    stride, padding, dilation = (_pair_int(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    _validate(x, weight, bias, activation, post_scale, post_shift, weight.shape[0], weight.shape[1])
-    args = (x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift)
-    _, run = dispatch.resolve("conv2d_bias_act", x.device, *args, backend=backend,
-                              tuning_key=_tuning_key("conv", x, weight, weight.shape[2], stride, dilation))
-    return run(*args)
+    return _dispatch("conv2d_bias_act", False, x, weight, bias, stride, padding, dilation, activation,
+                     post_scale, post_shift, backend)
 
 
 def conv_transpose2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
@@ -75,9 +79,5 @@ def conv_transpose2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optio
                               backend: Optional[str] = None) -> torch.Tensor:
     """act(conv_transpose2d(x, weight) + bias) [* post_scale + post_shift], weight (Cin, Cout, k, k),
     no output padding: H_out = (H - 1) * stride - 2 * padding + dilation * (k - 1) + 1."""
-    stride, padding, dilation = (_pair_int(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
-    _validate(x, weight, bias, activation, post_scale, post_shift, weight.shape[1], weight.shape[0])
-    args = (x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift)
-    _, run = dispatch.resolve("conv_transpose2d_bias_act", x.device, *args, backend=backend,
-                              tuning_key=_tuning_key("deconv", x, weight, weight.shape[2], stride, dilation))
-    return run(*args)
+    return _dispatch("conv_transpose2d_bias_act", True, x, weight, bias, stride, padding, dilation, activation,
+                     post_scale, post_shift, backend)
