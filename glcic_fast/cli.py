@@ -11,6 +11,12 @@ def _bench(args):
     return 0
 
 
+def _train(args):
+    from .train_cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glcic-fast", description="Fast, exact GLCIC image completion")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -20,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mask", help="mask image, white = fill (default: the bundled example's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per network (median is shown)")
     bench.set_defaults(func=_bench)
+    from .train_cli import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="train the completion network as in the paper (resumable, DDP via torchrun)")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
     return parser
 
 
