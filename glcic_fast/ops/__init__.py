@@ -11,6 +11,7 @@ import importlib
 from . import dispatch, torch_backend  # noqa: F401  (torch_backend registers itself)
 from .conv import conv2d_bias_act, conv_transpose2d_bias_act
 from .dispatch import BACKENDS, BackendUnavailable, available_backends, explain
+from .masked_mse import masked_mse
 
 BACKEND_LOAD_ERRORS = {}
 
@@ -23,7 +24,10 @@ def _load_optional_backend(backend: str, module: str):
 
 
 _load_optional_backend("triton", "glcic_fast.kernels")
+_load_optional_backend("cpp", "glcic_fast.ops.extension_backend")
+if "cpp" in BACKEND_LOAD_ERRORS:  # the CUDA kernels live in the same library
+    BACKEND_LOAD_ERRORS["cuda"] = BACKEND_LOAD_ERRORS["cpp"]
 dispatch.set_load_errors(BACKEND_LOAD_ERRORS)
 
-__all__ = ["conv2d_bias_act", "conv_transpose2d_bias_act", "explain", "available_backends",
+__all__ = ["conv2d_bias_act", "conv_transpose2d_bias_act", "masked_mse", "explain", "available_backends",
            "BackendUnavailable", "BACKENDS", "BACKEND_LOAD_ERRORS"]
