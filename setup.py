@@ -49,7 +49,7 @@ def _extensions():
 
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and not _flag("GLCIC_FAST_NO_CUDA") and bool(cuda_sources))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -59,7 +59,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _cuda_include_dirs(),
             define_macros=define_macros + [("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
         )
     else:
         ext = cpp_extension.CppExtension(
