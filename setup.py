@@ -59,7 +59,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _cuda_include_dirs(),
             define_macros=define_macros + [("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
         )
     else:
         ext = cpp_extension.CppExtension(
