@@ -1,18 +1,36 @@
-"""Completing images: the net's input convention, any image size, only holes replaced."""
+"""Completing images with a given net: the net's input convention, any image size, only
+the holes replaced; region-of-interest and tiled inference; post-processing.
+
+:func:`complete_with` takes the net (``CompletionNet.complete`` calls it;
+``glcic_fast.completion.complete`` is the same function under its old name). The
+module-level ``glcic_fast.complete`` (:mod:`glcic_fast.api`) loads weights for you.
+"""
+
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from . import roi as _roi
+from . import tiling as _tiling
 from .architecture import SIZE_MULTIPLE
+from .roi import Box
+
+#: ITU-R BT.601 luma, the weights cv2.COLOR_RGB2GRAY uses: how a gray input's completed
+#: RGB goes back to one channel.
+LUMA = (0.299, 0.587, 0.114)
 
 
-def _as_batch(t: torch.Tensor, name: str, channels: int) -> torch.Tensor:
+def _as_batch(t: torch.Tensor, name: str, channels) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() == 3:
         t = t.unsqueeze(0)
-    if t.dim() != 4 or t.shape[1] != channels:
-        raise ValueError(f"{name} must be {channels} x H x W or N x {channels} x H x W, got shape {tuple(t.shape)}")
+    if t.dim() != 4 or t.shape[1] not in channels:
+        if name == "image":
+            want = "3 x H x W (RGB), 1 x H x W (gray) or 4 x H x W (RGBA), optionally with a batch dim N in front"
+        else:
+            want = "1 x H x W or N x 1 x H x W"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point with values in [0, 1], got {t.dtype} "
                         f"(for 8-bit images use tensor.float() / 255)")
@@ -26,28 +44,174 @@ def _check_values(t: torch.Tensor, name: str):
         raise ValueError(f"{name} values must lie in [0, 1], got [{t.min().item():.4g}, {t.max().item():.4g}]")
 
 
-def complete(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshold: float = 0.5) -> torch.Tensor:
+def padded_size(h: int, w: int):
+    """H and W rounded up to multiples of 4: the frame the network runs in."""
+    return -(-h // SIZE_MULTIPLE) * SIZE_MULTIPLE, -(-w // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
+def exact_forward(net, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` in eval mode, computed so that every output pixel's value does not
+    depend on where the pixel lies in the tensor: the condition for crops and tiles to
+    reproduce the whole image bit for bit.
+
+    On the GPU that is ``net(x)``. On the CPU, PyTorch's sigmoid computes most elements
+    with vector code and the last few of each thread's chunk with scalar code, which can
+    differ in the last bit, so a pixel's value would depend on the tensor's size and the
+    thread count. Here the output layer runs without its activation and the sigmoid is
+    then applied into a strided buffer, which makes every element take the scalar code.
+    The values differ from ``net(x)`` by at most a unit in the last place, on a few
+    pixels, and no longer depend on the number of threads.
+    """
+    if x.device.type != "cpu" or net.training or not hasattr(net, "fused_layers"):
+        return net(x)
+    from . import ops
+    from .model import _run_fused_layer, check_network_input
+
+    check_network_input(x)
+    layers = net.fused_layers(x.dtype, x.device)
+    h = x
+    for layer in layers[:-1]:
+        h = _run_fused_layer(layer, h, net.backend)
+    last = layers[-1]
+    spec = last.spec
+    if spec.activation != "sigmoid" or spec.transposed or last.post_scale is not None:
+        return net(x)
+    z = ops.conv2d_bias_act(h, last.weight, last.bias, stride=spec.stride, padding=spec.padding,
+                            dilation=spec.dilation, activation="none", backend=net.backend).contiguous()
+    strided = torch.empty(2 * z.numel(), dtype=z.dtype, device=z.device)[::2].view(z.shape)
+    torch.sigmoid(z, out=strided)
+    return strided.contiguous()
+
+
+class NetworkInput:
+    """The network's input for the whole image, padded to multiples of 4 by replicating
+    the bottom row and right column, produced lazily one crop at a time (a crop of the
+    padded input; the same values as padding the whole input and cropping it)."""
+
+    def __init__(self, net, image: torch.Tensor, hole: torch.Tensor, dtype: torch.dtype):
+        self.net, self.image, self.hole, self.dtype = net, image, hole, dtype
+        self.height, self.width = image.shape[-2:]
+        self.padded_height, self.padded_width = padded_size(self.height, self.width)
+
+    def crop(self, box: Box) -> torch.Tensor:
+        h, w = self.height, self.width
+        image, hole = self.image, self.hole
+        if box.y1 <= h and box.x1 <= w:
+            ys, xs = box.slices()
+            image, hole = image[..., ys, xs], hole[..., ys, xs]
+        else:  # replicate padding: indices past the last row / column read the last one
+            dev = image.device
+            rows = torch.arange(box.y0, box.y1, device=dev).clamp_(max=h - 1)
+            cols = torch.arange(box.x0, box.x1, device=dev).clamp_(max=w - 1)
+            image = image.index_select(-2, rows).index_select(-1, cols)
+            hole = hole.index_select(-2, rows).index_select(-1, cols)
+        return self.net.prepare_input(image.to(self.dtype), hole.to(self.dtype))
+
+    def whole(self) -> Box:
+        return Box(0, self.padded_height, 0, self.padded_width)
+
+
+def network_output(net, image: torch.Tensor, hole: torch.Tensor, *, roi: Optional[bool] = None,
+                   tile: Optional[int] = None, max_pixels: Optional[int] = None) -> torch.Tensor:
+    """The network's output (N x 3 x H x W, net's dtype) at every pixel the result needs:
+    all of them on the whole-image path, the holes (at least) on the ROI path (zeros
+    elsewhere). Exactly the whole-image forward's values wherever it computes them.
+    Runs under inference_mode with the net in whatever mode it is in (eval)."""
+    param = next(net.parameters())
+    inp = NetworkInput(net, image, hole, param.dtype)
+    ph, pw = inp.padded_height, inp.padded_width
+    h, w = inp.height, inp.width
+
+    regions = None
+    if roi is not False:
+        planned = _roi.plan(hole.amax(dim=(0, 1)), ph, pw)
+        if roi or _roi.worthwhile(planned, ph, pw):
+            regions = planned
+    if regions is None:
+        regions = [_roi.Region(inp.whole(), inp.whole())]
+
+    def forward(crop: Box) -> torch.Tensor:
+        return exact_forward(net, inp.crop(crop))
+
+    def run(core_for):
+        whole = regions[0].crop == inp.whole() and len(regions) == 1
+        if whole and core_for(regions[0].crop) is None:
+            return forward(inp.whole())[..., :h, :w]  # the plain whole-image forward
+        out = torch.zeros(image.shape[0], 3, h, w, dtype=param.dtype, device=param.device)
+        for region in regions:
+            core = core_for(region.crop)
+            if core is None:
+                y = forward(region.crop)
+                t, c = region.target, region.crop
+                y0, y1, x0, x1 = t.y0, min(t.y1, h), t.x0, min(t.x1, w)
+                out[..., y0:y1, x0:x1] = y[..., y0 - c.y0:y1 - c.y0, x0 - c.x0:x1 - c.x0]
+            else:
+                _tiling.run_tiled(forward, region.target, core, ph, pw, out)
+        return out
+
+    fixed = lambda crop: _tiling.pick_core(tile, max_pixels, crop)
+    if tile is not None:
+        return run(fixed)
+    try:
+        return run(fixed)
+    except torch.cuda.OutOfMemoryError as exc:
+        error = exc  # leave the except block first, so that the failed forward's tensors are freed
+    largest = max(regions, key=lambda r: r.crop.area).crop
+    for core in _tiling.auto_cores(largest):
+        error = None
+        _tiling.empty_cuda_cache()
+        try:
+            return run(lambda crop, core=core: core)
+        except torch.cuda.OutOfMemoryError as exc:
+            error = exc
+    _tiling.empty_cuda_cache()
+    raise error
+
+
+def complete_with(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshold: float = 0.5,
+                  roi: Optional[bool] = None, tile: Optional[int] = None, max_pixels: Optional[int] = None,
+                  postprocess: bool = False) -> torch.Tensor:
     """The image with its holes filled by ``net``.
 
     Args:
-        image: 3 x H x W or N x 3 x H x W, floating point in [0, 1], any H x W.
+        image: C x H x W or N x C x H x W, floating point in [0, 1], any H x W, with
+            C = 3 (RGB), 1 (gray: repeated to RGB for the network, the result converted
+            back with BT.601 luma) or 4 (RGBA: the RGB channels are completed, alpha is
+            returned untouched).
         mask: 1 x H x W or N x 1 x H x W in [0, 1], 1 = pixel to fill. A soft mask is
             made binary: pixels with mask > ``mask_threshold`` (default 0.5) are holes.
         mask_threshold: see ``mask``; the authors' scripts use 0.2 on resized masks.
+        roi: region-of-interest inference (:mod:`glcic_fast.roi`): run the network only
+            on crops around the holes. None (default) chooses it when the crops' total
+            area is at most half the image; True always; False never. The hole pixels
+            are the same either way.
+        tile: run the network in tiles with cores of ``tile`` x ``tile`` pixels
+            (:mod:`glcic_fast.tiling`); exact, for images larger than memory.
+        max_pixels: tile only crops larger than this many pixels, with the largest tiles
+            that fit. Without ``tile`` or ``max_pixels``, a forward that runs out of CUDA
+            memory is retried in tiles, automatically.
+        postprocess: the paper's blend (:mod:`glcic_fast.postprocess`: Telea, then
+            Poisson per hole region, OpenCV, 8-bit inside the holes). Default False:
+            the result is then exactly the network's output in the holes. The
+            ``glcic-fast complete`` command line applies it unless ``--no-postprocess``.
 
     Returns:
-        A tensor shaped like ``image`` (same dtype and device) equal to ``image``
-        outside the holes and to the network's output inside them. An empty mask
-        returns a copy of ``image`` without running the network.
+        A tensor shaped like ``image`` (same dtype and device), equal to ``image``
+        outside the holes (bit for bit, post-processed or not) and to the network's
+        output inside them. An empty mask returns a copy of ``image`` without running
+        the network.
 
     The network runs in eval mode (restored afterwards) under inference_mode, in the net's
     parameter dtype. H and W are padded up to multiples of 4 by replicating the border
-    (never resampled), and the result is cropped back.
+    (never resampled), and the result is cropped back. Whole image, ROI and tiled
+    inference give the same network output (bit-identical in fp32 on the CPU, where it
+    is tested; on the GPU the convolution library may pick a different algorithm per
+    shape, which can change the last bits).
     """
     image_in = image
-    image = _as_batch(image, "image", 3)
+    image = _as_batch(image, "image", (1, 3, 4))
     squeeze = image_in.dim() == 3
-    mask = _as_batch(mask, "mask", 1)
+    mask = _as_batch(mask, "mask", (1,))
     if mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)} must have the same N, H and W")
     param = next(net.parameters())
@@ -57,23 +221,43 @@ def complete(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshold: fl
     _check_values(mask, "mask")
     if not 0 <= mask_threshold < 1:
         raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
+    if roi not in (None, True, False):
+        raise ValueError(f"roi must be None (automatic), True or False, got {roi!r}")
+    if tile is not None:
+        _tiling.check_core(tile)
+    if max_pixels is not None:
+        _tiling.core_for_max_pixels(max_pixels)
 
-    hole = (mask > mask_threshold).to(image.dtype)
-    if not hole.any():
+    hole_bool = mask > mask_threshold
+    if not hole_bool.any():
         result = image.clone()
         return result[0] if squeeze else result
 
-    h, w = image.shape[-2:]
-    pad_h, pad_w = -h % SIZE_MULTIPLE, -w % SIZE_MULTIPLE
-    x = net.prepare_input(image.to(param.dtype), hole.to(param.dtype))
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    channels = image.shape[1]
+    rgb = image[:, :3] if channels == 4 else image.expand(-1, 3, -1, -1) if channels == 1 else image
+    hole = hole_bool.to(image.dtype)
     was_training = net.training
     net.eval()
     try:
         with torch.inference_mode():
-            out = net(x)[..., :h, :w].to(image.dtype)
+            out = network_output(net, rgb, hole, roi=roi, tile=tile, max_pixels=max_pixels).to(image.dtype)
     finally:
         net.train(was_training)
-    result = image * (1 - hole) + out * hole
+    completed = torch.where(hole_bool, out, rgb)
+    if postprocess:
+        from .postprocess import postprocess as _postprocess
+
+        completed = _postprocess(completed, hole_bool)
+    if channels == 1:
+        luma = torch.tensor(LUMA, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+        gray = (completed * luma).sum(dim=1, keepdim=True).clamp_(0, 1)
+        result = torch.where(hole_bool, gray, image)
+    elif channels == 4:
+        result = torch.cat([completed, image[:, 3:]], dim=1)
+    else:
+        result = completed
     return result[0] if squeeze else result
+
+
+#: The old name of :func:`complete_with` (``CompletionNet.complete`` calls it).
+complete = complete_with

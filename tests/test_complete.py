@@ -34,7 +34,7 @@ def test_unbatched_and_batched_agree(net):
 
 
 @pytest.mark.parametrize("image, mask, error, match", [
-    (torch.rand(1, 4, 32, 32), torch.zeros(1, 1, 32, 32), ValueError, "3 x H x W"),
+    (torch.rand(1, 2, 32, 32), torch.zeros(1, 1, 32, 32), ValueError, "3 x H x W"),  # 1, 3, 4 are gray, RGB, RGBA
     (torch.rand(1, 3, 32, 32), torch.zeros(1, 3, 32, 32), ValueError, "1 x H x W"),
     (torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 30), ValueError, "same N, H and W"),
     (torch.rand(2, 3, 32, 32), torch.zeros(1, 1, 32, 32), ValueError, "same N, H and W"),
