@@ -121,6 +121,10 @@ class TrainConfig:
     amp: str = "auto"
     #: channels_last activations; default on CUDA.
     channels_last: Optional[bool] = None
+    #: "float32" (parameters and activations; bf16 autocast on top where amp is on) or
+    #: "float64", for verification: DDP against one process, resume, ... without the
+    #: float32 rounding that deep BatchNorm nets amplify (amp must be off).
+    precision: str = "float32"
     #: Deterministic kernels (bit-exact resume on CUDA, slower).
     deterministic: bool = False
     workers: int = 4
@@ -151,6 +155,10 @@ class TrainConfig:
             raise ValueError(f"mse_reduction must be 'mean' or 'sum', got {self.mse_reduction!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+        if self.precision == "float64" and self.amp == "bf16":
+            raise ValueError("precision float64 is for exact verification: use amp 'off' (or 'auto' on a CPU)")
         for name in ("batch_size", "checkpoint_every", "keep", "log_every", "image_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -176,7 +184,7 @@ class TrainConfig:
 #: Settings a resumed run must share with the checkpoint for the resume to continue the
 #: same run (data, losses, optimiser, nets). The others may change between sessions.
 RUN_DEFINING = ("batch_size", "image_size", "local_size", "hole_range", "scale_range", "alpha", "adversarial",
-                "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "disc_channels", "seed")
+                "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "disc_channels", "seed", "precision")
 
 
 # -- distributed ------------------------------------------------------------------------------
@@ -191,21 +199,36 @@ def _distributed() -> bool:
     return _world()[1] > 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over processes: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlooSyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the global batch over all
     processes, for CPU tensors (torch.nn.SyncBatchNorm takes GPU tensors only). Same
     parameters, buffers and state-dict keys as BatchNorm2d; without a process group of
     more than one process it *is* BatchNorm2d. Gradients flow through the all-reduces
-    (torch.distributed.nn), as through SyncBatchNorm's."""
+    (``_AllReduceSum``), as through SyncBatchNorm's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not _distributed():
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         dims = (0, 2, 3)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
         stats = all_reduce(torch.cat([xf.sum(dims), count]))
         total = stats[-1]
@@ -282,10 +305,12 @@ class Trainer:
         self.config = cfg = config
         self.rank, self.world_size = _world()
         self.device = torch.device(device or _default_device(cfg))
-        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda"
+                                         and cfg.precision == "float32")
         self.channels_last = self.device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.mean_pixel = [float(v) for v in mean_pixel]
+        self.dtype = torch.float64 if cfg.precision == "float64" else torch.float32
 
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.completion = CompletionNet(cfg.bn_after_relu, mean_pixel=self.mean_pixel)
@@ -295,7 +320,7 @@ class Trainer:
             convert_sync_batchnorm(self.completion, self.device)
             convert_sync_batchnorm(self.discriminator, self.device)
         for net in (self.completion, self.discriminator):
-            net.to(self.device, memory_format=self.memory_format).train()
+            net.to(self.device, self.dtype, memory_format=self.memory_format).train()
         self.opt_c = torch.optim.Adadelta(self.completion.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps)
         self.opt_d = torch.optim.Adadelta(self.discriminator.parameters(), lr=cfg.lr, rho=cfg.rho, eps=cfg.eps)
         self.c_forward = self.completion
@@ -303,10 +328,16 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [self.device] if self.device.type == "cuda" else None
-            # SyncBatchNorm keeps the buffers equal: no need to broadcast them each forward.
-            self.c_forward = DDP(self.completion, device_ids=ids, broadcast_buffers=False)
-            self.d_pair = DDP(self.d_pair, device_ids=ids, broadcast_buffers=False)
+            import inspect
+
+            kw = {"device_ids": [self.device] if self.device.type == "cuda" else None}
+            # Synchronised BatchNorm keeps the buffers equal: no broadcast before each forward.
+            if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+                kw["forward_sync_buffers"] = False
+            else:
+                kw["broadcast_buffers"] = False
+            self.c_forward = DDP(self.completion, **kw)
+            self.d_pair = DDP(self.d_pair, **kw)
         self.step = 0
 
     @property
@@ -319,14 +350,18 @@ class Trainer:
     def prepare_batch(self, batch: dict):
         """(x in [0, 1], hole mask, fake-patch corners, real-patch corners) on the device."""
         dev, s = self.device, self.config.image_size
-        x = batch["image"].to(dev, non_blocking=True).float().div_(255)
+        x = batch["image"].to(dev, non_blocking=True).to(self.dtype).div_(255)
         x = x.contiguous(memory_format=self.memory_format)
-        mask = hole_mask(batch["hole"].to(dev, non_blocking=True), s).contiguous(memory_format=self.memory_format)
+        mask = hole_mask(batch["hole"].to(dev, non_blocking=True), s, self.dtype)
+        mask = mask.contiguous(memory_format=self.memory_format)
         return x, mask, batch["local_fake"].to(dev, non_blocking=True), batch["local_real"].to(dev, non_blocking=True)
 
     def _mse(self, completed: torch.Tensor, x: torch.Tensor, mask: torch.Tensor):
-        """(loss to back-propagate on this process, the global value to log)."""
-        total = ops.masked_mse(completed, x, mask, reduction="sum")
+        """(loss to back-propagate on this process, its metric)."""
+        if completed.dtype == torch.float64:  # verification runs: the same formula, eagerly
+            total = ((completed - x) * mask).square().sum()
+        else:
+            total = ops.masked_mse(completed, x, mask, reduction="sum")
         if self.config.mse_reduction == "mean":
             count = mask.sum(dtype=torch.float32) * x.shape[1]
             if self.world_size > 1:
@@ -336,7 +371,10 @@ class Trainer:
             count = torch.ones((), device=x.device)
         # DDP averages gradients over processes: scale by the world size so that the result
         # is the gradient of the global sum (or mean).
-        return total * (self.world_size / count), total.detach() / count
+        scaled = total * (self.world_size / count)
+        # The metric is this process's share times W, so that the mean over processes
+        # (what the log shows) is the global value.
+        return scaled, scaled.detach()
 
     def _d_step(self, x, completed, fake_at, real_at) -> Dict[str, torch.Tensor]:
         local = self.config.local_size
@@ -344,7 +382,7 @@ class Trainer:
         with self._autocast():
             real_logit, fake_logit = self.d_pair(crop_squares(x, real_at, local), x,
                                                  crop_squares(completed, fake_at, local), completed)
-        real_logit, fake_logit = real_logit.float(), fake_logit.float()
+        real_logit, fake_logit = real_logit.to(self.dtype), fake_logit.to(self.dtype)
         loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
                       + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
         self.opt_d.zero_grad(set_to_none=True)
@@ -357,7 +395,8 @@ class Trainer:
         inp = self.completion.prepare_input(x, mask).contiguous(memory_format=self.memory_format)
         with self._autocast():
             out = self.c_forward(inp)
-        return out.float(), x + mask * (out.float() - x)
+        out = out.to(self.dtype)
+        return out, x + mask * (out - x)
 
     def train_step(self, batch: dict) -> Dict[str, torch.Tensor]:
         """One step of the current phase on ``batch`` (this process's share of the global
@@ -382,7 +421,7 @@ class Trainer:
             loss, mse = self._mse(out, x, mask)
             with frozen(self.discriminator), self._autocast():
                 logit = self.discriminator(crop_squares(completed, fake_at, self.config.local_size), completed)
-            logit = logit.float()
+            logit = logit.to(self.dtype)
             if self.config.adversarial == "non_saturating":  # -log D(C(x))
                 adv = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
             else:  # the paper's log(1 - D(C(x))) = -BCE(logit, 0)
@@ -634,7 +673,7 @@ def _broadcast(obj, src: int = 0):
 def _check_resume_config(saved: dict, cfg: TrainConfig, done: int):
     problems = []
     for key in RUN_DEFINING:
-        theirs, ours = saved.get(key), getattr(cfg, key)
+        theirs, ours = saved.get(key, TrainConfig.__dataclass_fields__[key].default), getattr(cfg, key)
         if isinstance(theirs, list):
             theirs = tuple(theirs)
         if key == "scale_range":  # compare the effective ranges
@@ -842,7 +881,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             metrics = trainer.train_step(batch)
             step = trainer.step
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float()
+                sums[k] = sums.get(k, 0) + v.double()
             count += 1
             out.advance()
             at_log = step % cfg.log_every == 0 or step == total

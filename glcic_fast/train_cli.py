@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="discriminator conv widths (default: 64 128 256 512 512 512)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"),
                    help="bf16 autocast: auto = on CUDA only (default)")
+    p.add_argument("--precision", choices=("float32", "float64"),
+                   help="float64 is for verification (DDP or resume against a reference) without float32 "
+                        "rounding; default float32")
     p.add_argument("--deterministic", action="store_const", const=True,
                    help="deterministic kernels: bit-exact resume on CUDA too, somewhat slower")
     p.add_argument("--mean-pixel", nargs=3, type=float, metavar=("R", "G", "B"),
@@ -69,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser):
 #: argparse destination -> TrainConfig field, for options given on the command line.
 _FIELDS = ("phase_steps", "batch_size", "image_size", "local_size", "hole_range", "scale_range", "device",
            "checkpoint_every", "keep", "seed", "workers", "alpha", "adversarial", "mse_reduction", "lr",
-           "bn_after_relu", "disc_channels", "amp", "deterministic", "mean_pixel", "mean_images", "log_every",
+           "bn_after_relu", "disc_channels", "amp", "precision", "deterministic", "mean_pixel", "mean_images", "log_every",
            "image_every", "tensorboard", "progress")
 
 
