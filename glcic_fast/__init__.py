@@ -2,7 +2,7 @@
 
 from . import ops, reference
 from .architecture import COMPLETION_LAYERS
-from .completion import complete
+from .api import complete
 from .model import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
 from .weights import WeightsError, load, save
 
