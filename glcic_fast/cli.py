@@ -302,6 +302,12 @@ def _complete(args):
     return _complete_one(args, device)
 
 
+def _train(args):
+    from .train_cli import run
+
+    return run(args)
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--workers", type=int, default=2, help="image-decoding processes, folder mode (2)")
     comp.add_argument("--no-progress", action="store_true", help="no progress bar")
     comp.set_defaults(func=_complete)
+
+    from .train_cli import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="train the completion network as in the paper (resumable; DDP via torchrun)")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
     return parser
 
 
