@@ -79,6 +79,8 @@ ADVERSARIAL_LOSSES = ("non_saturating", "minimax")
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9,})\.pt$")
 _TMP_PREFIX = ".glcic_fast-tmp-"
+#: Temporary files of an interrupted atomic write (ours and weights.save's): ".glcic_fast-*.tmp".
+_TMP_NAME = re.compile(r"^\.glcic_fast-.*\.tmp$")
 CONFIG_FILE = "config.json"
 IMAGES_FILE = "images.txt"
 LOSSES_FILE = "losses.csv"
@@ -710,7 +712,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool):
     if entries:
         saved_path = os.path.join(run_dir, CONFIG_FILE)
         if not os.path.exists(saved_path) or not set(entries) <= set(RUN_FILES) | {
-                e for e in entries if e.startswith(_TMP_PREFIX)}:
+                e for e in entries if _TMP_NAME.match(e)}:
             if list_checkpoints(run_dir):
                 raise TrainingError(f"no checkpoint in {run_dir} could be read")
             raise TrainingError(f"{run_dir} is not empty and holds no glcic_fast run; choose a new --out")
@@ -777,7 +779,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         for name in os.listdir(run_dir):  # temporary files of a save that was killed
-            if name.startswith(_TMP_PREFIX):
+            if _TMP_NAME.match(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(run_dir, name))
         if not os.path.exists(images_path):
@@ -818,6 +820,10 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
                      "completion_net": {"bn_after_relu": cfg.bn_after_relu,
                                         "input_convention": CompletionNet(cfg.bn_after_relu).input_convention}})
 
+    # Seeded global random states (the nets' initial weights come from torch's; the data
+    # use their own streams), restored from the checkpoint on resume.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     trainer = Trainer(cfg, mean, device)
     if state is not None:
         trainer.load_state_dict(state)
@@ -839,7 +845,9 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda",
                                          worker_init_fn=worker_init if cfg.workers else None,
-                                         persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+                                         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+                                         # Its own generator: the global random states stay the run's.
+                                         generator=torch.Generator().manual_seed(cfg.seed))
 
     stop = {"signal": None}
 

@@ -210,6 +210,12 @@ def test_killed_and_resumed_run_is_bit_identical(cli_runs, photos):
         for pa, pb in zip(a[key]["state"].values(), b[key]["state"].values()):
             for name in pa:
                 assert torch.equal(torch.as_tensor(pa[name]), torch.as_tensor(pb[name])), f"{key}.{name}"
+    for name in ("torch", "python", "numpy"):  # random states continue as if never stopped
+        ra, rb = a["rng"][0][name], b["rng"][0][name]
+        if isinstance(ra, dict):
+            assert all(torch.equal(ra[k], rb[k]) if torch.is_tensor(ra[k]) else ra[k] == rb[k] for k in ra), name
+        else:
+            assert torch.equal(ra, rb), name
     # The loss log was cut back to the checkpoint and continued: each step once.
     with open(os.path.join(out, "losses.csv")) as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 8))
@@ -558,6 +564,31 @@ def test_resume_refuses_other_settings_and_extends(photos, tmp_path):
     summary = train(tiny_config(photos, run, phase_steps=(1, 1, 0)), resume=True)
     assert summary["step"] == 2
     assert load_checkpoint(summary["checkpoint"])["phase"] == "discriminator"
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(photos, tmp_path, monkeypatch):
+    """A polite stop (SIGTERM from a scheduler, Ctrl-C) ends the step, checkpoints it and
+    returns; --resume then goes on from there."""
+    import signal as signals
+
+    run = tmp_path / "run"
+    cfg = tiny_config(photos, run, phase_steps=(3, 0, 0), checkpoint_every=100, mean_pixel=(0.5, 0.5, 0.5))
+    real_step = Trainer.train_step
+
+    def step_then_signal(self, batch):
+        metrics = real_step(self, batch)
+        if self.step == 1:
+            signals.raise_signal(signals.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    summary = train(cfg)
+    assert summary["interrupted"] and summary["step"] == 1 and summary["signal"] == signals.SIGTERM
+    assert [s for s, _ in list_checkpoints(str(run))] == [1]
+    assert signals.getsignal(signals.SIGTERM) is signals.SIG_DFL or callable(signals.getsignal(signals.SIGTERM))
+    monkeypatch.undo()
+    assert train(cfg, resume=True)["step"] == 3
+    assert [s for s, _ in list_checkpoints(str(run))] == [1, 3]
 
 
 def test_cli_options_reach_the_config(photos, tmp_path):
