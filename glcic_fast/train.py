@@ -45,7 +45,6 @@ kernels are deterministic (on the CPU; on CUDA with ``deterministic=True``).
 import contextlib
 import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -55,7 +54,7 @@ import re
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -68,7 +67,7 @@ from . import ops
 from .data import (Augmentation, ImageFolder, StepBatchSampler, compute_mean_pixel, crop_squares, files_digest,
                    hole_mask, list_images, stream_position, worker_init)
 from .discriminator import PAPER_CHANNELS, ContextDiscriminator
-from .model import CompletionNet
+from .model import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
 
 log = logging.getLogger(__name__)
 
@@ -710,14 +709,16 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool):
     if found is not None:
         return found[0], found[1], found[1]["config"]
     if entries:
-        saved_path = os.path.join(run_dir, CONFIG_FILE)
-        if not os.path.exists(saved_path) or not set(entries) <= set(RUN_FILES) | {
-                e for e in entries if _TMP_NAME.match(e)}:
-            if list_checkpoints(run_dir):
-                raise TrainingError(f"no checkpoint in {run_dir} could be read")
+        if list_checkpoints(run_dir):
+            raise TrainingError(f"no checkpoint in {run_dir} could be read")
+        if not all(e in RUN_FILES or _TMP_NAME.match(e) for e in entries):
             raise TrainingError(f"{run_dir} is not empty and holds no glcic_fast run; choose a new --out")
-        with open(saved_path) as f:  # a run that stopped before its first checkpoint
-            return None, None, json.load(f)["config"]
+        # Only this run's own files: it stopped before its first checkpoint (while computing
+        # the mean pixel, say). Start it again, keeping its image list and settings.
+        saved_path = os.path.join(run_dir, CONFIG_FILE)
+        if os.path.exists(saved_path):
+            with open(saved_path) as f:
+                return None, None, json.load(f)["config"]
     return None, None, None
 
 
@@ -818,7 +819,8 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
                     {"config": record, "mean_pixel": list(mean), "mpv": list(mean), "num_images": len(files),
                      "files_digest": digest, "world_size": world,
                      "completion_net": {"bn_after_relu": cfg.bn_after_relu,
-                                        "input_convention": CompletionNet(cfg.bn_after_relu).input_convention}})
+                                        "input_convention": MEAN_FILLED_HOLE if cfg.bn_after_relu
+                                        else MEAN_SUBTRACTED_ZERO_HOLE}})
 
     # Seeded global random states (the nets' initial weights come from torch's; the data
     # use their own streams), restored from the checkpoint on resume.

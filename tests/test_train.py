@@ -6,7 +6,6 @@ webp). The command-line runs (uninterrupted, killed and resumed, two-process DDP
 together in a module fixture so that they overlap.
 """
 
-import contextlib
 import csv
 import os
 import signal
@@ -199,7 +198,7 @@ def test_killed_and_resumed_run_is_bit_identical(cli_runs, photos):
     assert victim.returncode == -signal.SIGKILL
     killed_at = max(s for s, _ in list_checkpoints(out))
     assert killed_at < sum(CLI_STEPS)
-    resumed = _cli(photos, out, "--resume")
+    resumed = _cli(photos, out, "--resume", "--workers", "2")  # data do not depend on the workers
     assert _wait(resumed) == 0, _log_of(out)
     assert "resumed from" in _log_of(out)
     assert _wait(procs["reference"]) == 0, _log_of(runs["reference"])
@@ -550,6 +549,14 @@ def test_refuses_to_start_in_a_non_empty_folder(photos, tmp_path):
     assert os.listdir(run) == ["thesis.tex"] and (run / "thesis.tex").read_text() == "precious"
     args = build_parser().parse_args(["train", photos, "--out", str(run), "--device", "cpu", "--no-progress"])
     assert args.func(args) == 1
+    # A run stopped before its first checkpoint (only its own files there) starts again.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "images.txt").write_text("astronaut.jpg\nchelsea.webp\n")
+    with pytest.raises(TrainingError, match="not empty"):
+        train(tiny_config(photos, early, phase_steps=(1, 0, 0)))
+    summary = train(tiny_config(photos, early, phase_steps=(1, 0, 0)), resume=True)
+    assert summary["step"] == 1 and (early / "images.txt").read_text() == "astronaut.jpg\nchelsea.webp\n"
 
 
 def test_resume_refuses_other_settings_and_extends(photos, tmp_path):
