@@ -2,9 +2,15 @@
 (the CUDA kernels, present when the extension was built with its CUDA sources).
 
 Importing glcic_fast._C registers its operators with torch (torch.ops.glcic_fast.*). This
-module registers them with the dispatcher and gives each a fake kernel, which says what
-the outputs look like without computing them, so that torch.compile can trace the op.
+module registers them with the dispatcher (masked_mse: "cpp" and "cuda"; conv2d_bias_act:
+"cuda", the tensor-core kernel of the 3x3, 256 -> 256, stride 1, padding == dilation
+layers) and gives each a fake kernel, which says what the outputs look like without
+computing them, so that torch.compile can trace the op.
 """
+
+import collections
+import threading
+import weakref
 
 import torch
 
@@ -44,3 +50,157 @@ def _cuda_why_not(pred, *args):
 
 dispatch.register("masked_mse", "cpp", _masked_mse_fwd, _cpp_why_not)
 dispatch.register("masked_mse", "cuda", _masked_mse_fwd, _cuda_why_not)
+
+
+# --------------------------------------------------------------------------------------
+# conv3x3_bias_act: backend "cuda" of conv2d_bias_act for the 3x3, 256 -> 256, stride 1,
+# padding == dilation layers (tensor-core implicit GEMM, csrc/ops/cuda/conv3x3_bias_act*)
+# --------------------------------------------------------------------------------------
+
+_CONV3X3_CHANNELS = 256
+_CONV3X3_DTYPES = (torch.float16, torch.bfloat16)
+_CONV3X3_MAX_EXTENT = 2 ** 30  # H, W and the dilation are below this (int32 tap arithmetic)
+_HAS_CONV3X3_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("glcic_fast::conv3x3_bias_act", "CUDA")
+
+
+@torch.library.register_fake("glcic_fast::conv3x3_bias_act")
+def _conv3x3_bias_act_fake(x, packed_weight, bias, dilation, activation, post_scale, post_shift):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def pack_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(256, 256, 3, 3) -> the kernel's dense 256 x 2304 matrix, row cout = [kh][kw][cin].
+    A channels_last weight is already laid out so: then this is a view, not a copy."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+_CONV3X3_CACHE_LOCK = threading.Lock()
+_CONV3X3_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_CONV3X3_CACHE_SIZE = 64
+
+
+def clear_conv3x3_weight_cache():
+    """Forget every packed weight (needed only after a weight is changed behind autograd's
+    version counter, e.g. through ``param.data.copy_``)."""
+    with _CONV3X3_CACHE_LOCK:
+        _CONV3X3_CACHE.clear()
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    """The fake / functional / proxied tensors of torch.compile and torch.export: not
+    cacheable by address, and the packing is traced as plain torch ops."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return True
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return True
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+        if get_proxy_mode() is not None:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return torch._is_functional_tensor(t)
+
+
+def _packed_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
+    """pack_conv3x3_weight(weight), packed once per (storage, version, dtype, layout): an
+    entry is keyed on weight.data_ptr() and checked against weight._version and a weak
+    reference to the tensor it was made from (a freed weight's reused address never hits).
+    Inference and traced tensors are packed on every call (they have no usable version)."""
+    if _is_traced(weight) or weight.is_inference():
+        return pack_conv3x3_weight(weight)
+    key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride())
+    version = weight._version
+    with _CONV3X3_CACHE_LOCK:
+        entry = _CONV3X3_CACHE.get(key)
+        if entry is not None:
+            ref, ver, packed = entry
+            if ref() is not None and ver == version:
+                _CONV3X3_CACHE.move_to_end(key)
+                return packed
+    with torch.no_grad():
+        packed = pack_conv3x3_weight(weight)
+
+    def _forget(dead_ref, key=key):
+        with _CONV3X3_CACHE_LOCK:
+            entry = _CONV3X3_CACHE.get(key)
+            if entry is not None and entry[0] is dead_ref:
+                del _CONV3X3_CACHE[key]
+
+    with _CONV3X3_CACHE_LOCK:
+        _CONV3X3_CACHE[key] = (weakref.ref(weight, _forget), version, packed)
+        _CONV3X3_CACHE.move_to_end(key)
+        while len(_CONV3X3_CACHE) > _CONV3X3_CACHE_SIZE:
+            _CONV3X3_CACHE.popitem(last=False)
+    return packed
+
+
+def _conv3x3_cache_len():
+    return len(_CONV3X3_CACHE)
+
+
+_CONV3X3_GPU_REASONS = {}  # CUDA device index -> why the kernel cannot run there, or None
+
+
+def _conv3x3_gpu_reason(device: torch.device):
+    """Why the kernel cannot run on this GPU (before sm_80, or no kernel image in the
+    library for it), or None; asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CONV3X3_GPU_REASONS:
+        major, minor = torch.cuda.get_device_capability(index)
+        reason = None
+        if major < 8:
+            reason = (f"cuda:{index} is sm_{major}{minor}; the CUDA conv kernel needs sm_80 or newer "
+                      "(cp.async, ldmatrix, bf16 mma.sync)")
+        elif torch.ops.glcic_fast.conv3x3_bias_act_sm_version(index) == 0:
+            reason = (f"glcic_fast._C holds no kernel image for cuda:{index} (sm_{major}{minor}): rebuild it "
+                      f"with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+        _CONV3X3_GPU_REASONS[index] = reason
+    return _CONV3X3_GPU_REASONS[index]
+
+
+def _conv3x3_cuda_why_not(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    """Every reason the CUDA conv kernel cannot run these arguments, or None."""
+    reasons = []
+    if not _HAS_CONV3X3_CUDA:
+        reasons.append("glcic_fast._C was built without its CUDA sources (a torch without CUDA, no nvcc "
+                       "found, or GLCIC_FAST_NO_CUDA=1 at build time)")
+    if x.device.type != "cuda":
+        reasons.append(f"the CUDA conv kernel runs CUDA tensors, these are on {x.device}")
+    c = _CONV3X3_CHANNELS
+    if tuple(weight.shape) != (c, c, 3, 3) or stride != 1 or padding != dilation or dilation < 1:
+        reasons.append(f"the CUDA conv kernel covers only 3x3 convs with {c} input and {c} output channels, "
+                       f"stride 1 and padding == dilation >= 1; this one has weight {tuple(weight.shape)} "
+                       f"(Cout, Cin, kH, kW), stride {stride}, padding {padding}, dilation {dilation}")
+    elif dilation >= _CONV3X3_MAX_EXTENT or max(x.shape[2:]) >= _CONV3X3_MAX_EXTENT:
+        reasons.append("H, W and the dilation must be below 2^30 for the CUDA conv kernel")
+    if x.dtype not in _CONV3X3_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not supported by the CUDA conv kernel (float16 and bfloat16 are: "
+                       "it runs on tensor cores)")
+    tensors = (x, weight, bias, post_scale, post_shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        reasons.append("autograd is recording and the CUDA conv kernel has no backward")
+    # Not while torch.compile traces (the op's binding checks the GPU again when it runs).
+    if x.device.type == "cuda" and _HAS_CONV3X3_CUDA and not torch.compiler.is_compiling():
+        gpu_reason = _conv3x3_gpu_reason(x.device)
+        if gpu_reason is not None:
+            reasons.append(gpu_reason)
+    return "; ".join(reasons) or None
+
+
+def launch_conv3x3(x, weight, bias, dilation, activation, post_scale=None, post_shift=None, out=None):
+    """act(conv2d(x, weight, padding=dilation, dilation=dilation) + bias) [* post_scale + post_shift]
+    with the CUDA kernel, weight (256, 256, 3, 3) packed through the cache; into ``out``
+    (channels_last, x's shape and dtype) when given, else into a new channels_last tensor."""
+    packed = _packed_conv3x3_weight(weight)
+    if out is None:
+        return torch.ops.glcic_fast.conv3x3_bias_act(x, packed, bias, dilation, activation, post_scale, post_shift)
+    return torch.ops.glcic_fast.conv3x3_bias_act.out(x, packed, bias, dilation, activation, post_scale,
+                                                     post_shift, out=out)
+
+
+def _run_conv3x3(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    return launch_conv3x3(x, weight, bias, dilation, activation, post_scale, post_shift)
+
+
+dispatch.register("conv2d_bias_act", "cuda", _run_conv3x3, _conv3x3_cuda_why_not)
