@@ -1,10 +1,14 @@
-"""Per-layer speed of the completion net's fused convs: Triton kernels vs the torch backend.
+"""Per-layer speed of the completion net's fused convs: Triton kernels, the CUDA kernel and
+the torch backend.
 
 Every layer of the completion net (glcic_fast.architecture) on the activations a 1024x1024
-input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/) against
-backend "torch" (cuDNN, channels_last input and weight). extra_info holds the device and
-versions, the layer, milliseconds (CUDA events), TFLOP/s and its fraction of the measured
-bf16 GEMM ceiling. CUDA only: skipped without a GPU.
+input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/), backend
+"cuda" (glcic_fast._C's tensor-core kernel, only for the 3x3 256 -> 256 stride-1 layers: the
+others are skipped with the dispatcher's reason) and backend "torch" (cuDNN, channels_last
+input and weight). extra_info holds the device and versions, the layer, the op and its
+dispatcher tuning key, milliseconds (CUDA events), TFLOP/s and its fraction of the measured
+bf16 GEMM ceiling. CUDA only: skipped without a GPU. benchmarks/make_tuning_table.py turns
+the JSON into the dispatcher's tuning table.
 
     pytest benchmarks/bench_conv_layers.py --benchmark-group-by=group
 """
@@ -18,6 +22,7 @@ from glcic_fast import ops
 from glcic_fast.architecture import COMPLETION_LAYERS
 
 from conftest import provenance, synchronized
+from make_tuning_table import tuning_key
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,7 +67,7 @@ def _cuda_ms(fn, iters=10):
     return start.elapsed_time(end) / iters
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("spec,size", [pytest.param(s, n, id=f"{s.name}-{n}px") for s, n in LAYERS])
 def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
@@ -81,8 +86,14 @@ def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
         scale = torch.rand(spec.out_channels, device=dev, generator=g).to(dtype) + 0.5
         shift = torch.randn(spec.out_channels, device=dev, generator=g).to(dtype) * 0.1
     op = ops.conv_transpose2d_bias_act if spec.transposed else ops.conv2d_bias_act
+    op_name = "conv_transpose2d_bias_act" if spec.transposed else "conv2d_bias_act"
     kwargs = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
                   activation=spec.activation, post_scale=scale, post_shift=shift, backend=backend)
+    with torch.no_grad():
+        chosen, skipped = ops.explain(op_name, x.device, x, w, b, spec.stride, spec.padding, spec.dilation,
+                                      spec.activation, scale, shift, backend=backend)
+    if chosen is None:
+        pytest.skip("; ".join(skipped))
 
     def run():
         return op(x, w, b, **kwargs)
@@ -99,7 +110,10 @@ def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
         benchmark.extra_info.update(provenance())
         benchmark.extra_info.update({
             "layer": spec.name, "backend": backend, "batch": batch, "input_hw": size,
-            "dtype": "bf16", "out_shape": list(y.shape), "gflop": flops / 1e9,
+            "dtype": "bf16", "op": op_name,
+            "tuning_key": tuning_key(spec.transposed, spec.in_channels, spec.out_channels, spec.kernel_size,
+                                     spec.stride, spec.dilation, str(dtype).split(".")[-1]),
+            "out_shape": list(y.shape), "gflop": flops / 1e9,
             "ms_cuda_events": ms, "tflops": tflops,
             "fraction_of_bf16_gemm": tflops / bf16_gemm_tflops if bf16_gemm_tflops else None,
         })
