@@ -18,9 +18,12 @@
   blocking, and ``num_writers`` writer threads wait for the copy, post-process (OpenCV,
   optional) and encode the files while the GPU runs the next batch.
 
-Only whole-image inference is batched (no ROI crops, no tiling).
+Only whole-image inference is batched (no ROI crops, no tiling). A batch that runs out of
+CUDA memory is redone one image at a time with :func:`complete_with`, which falls back to
+tiles when one image does not fit either.
 """
 
+import contextlib
 import copy
 import os
 import queue
@@ -255,14 +258,36 @@ class _Engine:
             inputs.append(net_input.crop(net_input.whole()))
             images.append(image)
             holes.append(hole)
+        y = None
         with torch.inference_mode():
-            y = self.runner(torch.cat(inputs))
+            try:
+                y = self.runner(torch.cat(inputs))
+            except torch.cuda.OutOfMemoryError:
+                pass  # below, outside the except block, so that the failed batch's memory is freed
+        if y is None:  # one image at a time, with complete_with's own fallback to tiles
+            del inputs
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            from .completion import complete_with
+
+            for i, (index, output, _, _) in enumerate(batch):
+                result = complete_with(self.net, images[i], holes[i].to(images[i].dtype))
+                (host, host_hole), event = _to_host([result[0], holes[i][0]], self.pinned)
+                self.writers.put((index, output, host, host_hole, event))
+            return
+        with torch.inference_mode():
             for i, (index, output, _, _) in enumerate(batch):
                 image, hole = images[i], holes[i]
                 h, w = image.shape[-2:]
                 result = torch.where(hole, y[i:i + 1, :, :h, :w].to(image.dtype), image)
                 (host, host_hole), event = _to_host([result[0], hole[0]], self.pinned)
                 self.writers.put((index, output, host, host_hole, event))
+
+
+def _on(device):
+    """Makes ``device`` the current CUDA device (streams, events, graphs), e.g. cuda:3
+    under torchrun; nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _prepare_net(net, device, dtype):
@@ -304,10 +329,11 @@ def complete_files(net, jobs: Sequence[Job], *, device=None, dtype=None, batch_s
     engine = _Engine(net, device, dtype, batch_size, mask_threshold,
                      device.type == "cuda" if cuda_graphs is None else cuda_graphs, writers)
     try:
-        for item in loader:
-            i = item["index"]
-            engine.add(i, jobs[i].output, item["image"], item["mask"])
-        engine.flush()
+        with _on(device):
+            for item in loader:
+                i = item["index"]
+                engine.add(i, jobs[i].output, item["image"], item["mask"])
+            engine.flush()
     finally:
         writers.close()
     return Stats(len(jobs), time.perf_counter() - start)
@@ -327,12 +353,13 @@ def complete_many(net, images: Sequence[torch.Tensor], masks: Sequence[torch.Ten
     engine = _Engine(net, device, dtype, batch_size, mask_threshold,
                      device.type == "cuda" if cuda_graphs is None else cuda_graphs, writers)
     try:
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            if image.dim() != 3 or image.shape[0] != 3 or mask.shape != (1,) + tuple(image.shape[-2:]):
-                raise ValueError(f"image {i}: expected 3 x H x W and a 1 x H x W mask, got {tuple(image.shape)} "
-                                 f"and {tuple(mask.shape)}")
-            engine.add(i, None, image, mask)
-        engine.flush()
+        with _on(device):
+            for i, (image, mask) in enumerate(zip(images, masks)):
+                if image.dim() != 3 or image.shape[0] != 3 or mask.shape != (1,) + tuple(image.shape[-2:]):
+                    raise ValueError(f"image {i}: expected 3 x H x W and a 1 x H x W mask, "
+                                     f"got {tuple(image.shape)} and {tuple(mask.shape)}")
+                engine.add(i, None, image, mask)
+            engine.flush()
     finally:
         writers.close()
     return results

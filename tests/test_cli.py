@@ -224,3 +224,19 @@ def test_complete_many_on_cuda_with_graphs_and_half_precision(net):
     assert (eager[0] - want).abs().max().item() <= 1e-4
     half = complete_many(cuda_net, images, masks, batch_size=2, dtype="bfloat16")
     assert (half[0] - want).abs().max().item() <= 0.1
+
+
+def test_complete_many_redoes_a_batch_that_runs_out_of_memory(net, monkeypatch):
+    from glcic_fast import batching
+
+    def oom(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(batching.Runner, "__call__", oom)
+    images = [photo("chelsea", 48, 64), photo("coffee", 48, 64)]
+    masks = [torch.zeros(1, 48, 64) for _ in images]
+    masks[0][:, 10:20, 10:30] = 1
+    masks[1][:, 30:40, 40:60] = 1
+    out = complete_many(net, images, masks, batch_size=2)
+    for got, image, mask in zip(out, images, masks):
+        assert torch.equal(got, complete_with(net, image, mask))
