@@ -7,7 +7,8 @@
 #
 # PYTHON names the interpreter that has torch (default python3; after scripts/setup.sh use
 # PYTHON=.venv/bin/python). Then commit the folder and rebuild the README's table with
-# `python benchmarks/report.py RESULTS_DIR/benchmarks.json`.
+# `python benchmarks/report.py RESULTS_DIR/benchmarks.json`; RESULTS_DIR/tuning.json is the
+# dispatcher's per-layer choice measured on this GPU (copy it to glcic_fast/ops/tuning.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -23,5 +24,7 @@ tests_rc=${PIPESTATUS[0]}
   --benchmark-columns=median,iqr,rounds -q -rs 2>&1 | tee "$dir/benchmarks.log"
 bench_rc=${PIPESTATUS[0]}
 "$PY" benchmarks/report.py "$dir/benchmarks.json" --plot "$dir/net_ms_per_megapixel.png" | tee "$dir/table.md"
+# The per-layer fastest backend; copy it to glcic_fast/ops/tuning.json once the parity tests pass.
+"$PY" benchmarks/make_tuning_table.py "$dir/benchmarks.json" -o "$dir/tuning.json"
 echo "tests exit $tests_rc, benchmarks exit $bench_rc; results in $dir"
 exit $(( tests_rc || bench_rc ))

