@@ -7,7 +7,6 @@ The net-taking function is :func:`glcic_fast.completion.complete_with` (also
 import os
 import warnings
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 import torch

@@ -34,10 +34,7 @@ and torch.export keep them as single fused ops) and with the dispatcher as backe
 ``"triton"``.
 """
 
-import collections
 import os
-import threading
-import weakref
 from typing import Optional
 
 import torch
@@ -45,6 +42,7 @@ import triton
 import triton.language as tl
 
 from glcic_fast.ops import dispatch
+from glcic_fast.ops.weight_cache import PackedWeightCache
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
@@ -241,72 +239,19 @@ def _pack_deconv_weight(weight, stride, padding):
     return torch.stack(phases).reshape(s * s, taps * taps * c_in, c_out).contiguous()
 
 
-_CACHE_LOCK = threading.Lock()
-_CACHE: "collections.OrderedDict" = collections.OrderedDict()
-_CACHE_SIZE = 256
-
-
-def clear_weight_cache():
-    """Forget every repacked weight (needed only after a weight is changed behind autograd's
-    version counter, e.g. through ``param.data.copy_``)."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def _is_traced(t: torch.Tensor) -> bool:
-    """True for the fake / functional / proxied tensors of torch.compile and torch.export:
-    those cannot be cached by address, and the repack is traced as plain torch ops."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
-        return True
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        return True
-    try:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-        if get_proxy_mode() is not None:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return torch._is_functional_tensor(t)
+_WEIGHTS = PackedWeightCache(256)
+clear_weight_cache = _WEIGHTS.clear
 
 
 def _packed_weight(weight, transposed, stride, padding):
-    """The GEMM layout of ``weight``, repacked once per (storage, version, dtype, layout).
-
-    An entry is keyed on weight.data_ptr() and checked against weight._version and a weak
-    reference to the tensor it was made from, so a freed weight whose address is reused
-    is never mistaken for the cached one.
-    """
-    if _is_traced(weight) or weight.is_inference():  # inference tensors have no version counter
-        return _pack_deconv_weight(weight, stride, padding) if transposed else _pack_conv_weight(weight)
-    key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride(),
-           transposed, stride if transposed else 0, padding if transposed else 0)
-    version = weight._version
-    with _CACHE_LOCK:
-        entry = _CACHE.get(key)
-        if entry is not None:
-            ref, ver, packed = entry
-            if ref() is not None and ver == version:
-                _CACHE.move_to_end(key)
-                return packed
-    with torch.no_grad():
-        packed = _pack_deconv_weight(weight, stride, padding) if transposed else _pack_conv_weight(weight)
-
-    def _forget(dead_ref, key=key):
-        with _CACHE_LOCK:
-            entry = _CACHE.get(key)
-            if entry is not None and entry[0] is dead_ref:
-                del _CACHE[key]
-
-    with _CACHE_LOCK:
-        _CACHE[key] = (weakref.ref(weight, _forget), version, packed)
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return packed
+    """The GEMM layout of ``weight``, repacked once per (storage, version, dtype, layout)."""
+    if transposed:
+        return _WEIGHTS.get(weight, lambda w: _pack_deconv_weight(w, stride, padding), True, stride, padding)
+    return _WEIGHTS.get(weight, _pack_conv_weight, False)
 
 
 def _cache_len():
-    return len(_CACHE)
+    return len(_WEIGHTS)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,16 +8,13 @@ layers) and gives each a fake kernel, which says what the outputs look like with
 computing them, so that torch.compile can trace the op.
 """
 
-import collections
-import threading
-import weakref
-
 import torch
 
 from glcic_fast import _C  # noqa: F401  (loading the library registers torch.ops.glcic_fast.*)
 
 from . import dispatch
 from .masked_mse import dense_memory_format
+from .weight_cache import PackedWeightCache
 
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("glcic_fast::masked_mse_fwd", "CUDA")
 
@@ -74,69 +71,17 @@ def pack_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
 
 
-_CONV3X3_CACHE_LOCK = threading.Lock()
-_CONV3X3_CACHE: "collections.OrderedDict" = collections.OrderedDict()
-_CONV3X3_CACHE_SIZE = 64
-
-
-def clear_conv3x3_weight_cache():
-    """Forget every packed weight (needed only after a weight is changed behind autograd's
-    version counter, e.g. through ``param.data.copy_``)."""
-    with _CONV3X3_CACHE_LOCK:
-        _CONV3X3_CACHE.clear()
-
-
-def _is_traced(t: torch.Tensor) -> bool:
-    """The fake / functional / proxied tensors of torch.compile and torch.export: not
-    cacheable by address, and the packing is traced as plain torch ops."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
-        return True
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        return True
-    try:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-        if get_proxy_mode() is not None:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return torch._is_functional_tensor(t)
+_CONV3X3_WEIGHTS = PackedWeightCache(64)
+clear_conv3x3_weight_cache = _CONV3X3_WEIGHTS.clear
 
 
 def _packed_conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
-    """pack_conv3x3_weight(weight), packed once per (storage, version, dtype, layout): an
-    entry is keyed on weight.data_ptr() and checked against weight._version and a weak
-    reference to the tensor it was made from (a freed weight's reused address never hits).
-    Inference and traced tensors are packed on every call (they have no usable version)."""
-    if _is_traced(weight) or weight.is_inference():
-        return pack_conv3x3_weight(weight)
-    key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride())
-    version = weight._version
-    with _CONV3X3_CACHE_LOCK:
-        entry = _CONV3X3_CACHE.get(key)
-        if entry is not None:
-            ref, ver, packed = entry
-            if ref() is not None and ver == version:
-                _CONV3X3_CACHE.move_to_end(key)
-                return packed
-    with torch.no_grad():
-        packed = pack_conv3x3_weight(weight)
-
-    def _forget(dead_ref, key=key):
-        with _CONV3X3_CACHE_LOCK:
-            entry = _CONV3X3_CACHE.get(key)
-            if entry is not None and entry[0] is dead_ref:
-                del _CONV3X3_CACHE[key]
-
-    with _CONV3X3_CACHE_LOCK:
-        _CONV3X3_CACHE[key] = (weakref.ref(weight, _forget), version, packed)
-        _CONV3X3_CACHE.move_to_end(key)
-        while len(_CONV3X3_CACHE) > _CONV3X3_CACHE_SIZE:
-            _CONV3X3_CACHE.popitem(last=False)
-    return packed
+    """pack_conv3x3_weight(weight), packed once per (storage, version, dtype, layout)."""
+    return _CONV3X3_WEIGHTS.get(weight, pack_conv3x3_weight)
 
 
 def _conv3x3_cache_len():
-    return len(_CONV3X3_CACHE)
+    return len(_CONV3X3_WEIGHTS)
 
 
 _CONV3X3_GPU_REASONS = {}  # CUDA device index -> why the kernel cannot run there, or None
