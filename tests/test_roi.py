@@ -26,16 +26,6 @@ def net():
     return randomize(CompletionNet(), seed=0).eval()
 
 
-@pytest.fixture
-def shape_invariant_convs():
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
 # -- the radius -------------------------------------------------------------------------
 
 def test_radius_is_derived_from_the_layer_table():

@@ -21,16 +21,6 @@ def net():
     return randomize(CompletionNet(), seed=1).eval()
 
 
-@pytest.fixture
-def shape_invariant_convs():
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
 def _network_output(net, image, mask, **kw):
     with torch.inference_mode():
         return completion.network_output(net, image[None], (mask[None] > 0.5).float(), **kw)
