@@ -1,30 +1,55 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: build glcic_fast, run every test (the GPU parity tests
-# run there instead of being skipped), run the benchmark suite, and keep the raw results
-# with their provenance (GPU, versions, commit, date) in one folder:
+# On a machine with an NVIDIA GPU: build glcic_fast, run the tests (the GPU parity tests run
+# there instead of being skipped) and the benchmarks, and keep the raw results with their
+# provenance (GPU, versions, commit, date) in one folder:
 #
-#   bash scripts/gpu_check.sh [RESULTS_DIR]      (default: benchmarks/results/<date>-<gpu>)
+#   bash scripts/gpu_check.sh [STAGE] [RESULTS_DIR]
 #
-# PYTHON names the interpreter that has torch (default python3; after scripts/setup.sh use
-# PYTHON=.venv/bin/python). Then commit the folder and rebuild the README's table with
-# `python benchmarks/report.py RESULTS_DIR/benchmarks.json`; RESULTS_DIR/tuning.json is the
-# dispatcher's per-layer choice measured on this GPU (copy it to glcic_fast/ops/tuning.json).
+# STAGE: all (default), or one of the stages below when each command must stay short
+# (each fits in about 10 minutes on an H100; every stage first (re)builds the extension):
+#   tests         every test, Triton autotuning off (one config: parity, not speed)
+#   bench-net     whole-network inference, every backend (benchmarks/bench_net.py)
+#   bench-layers  each layer per backend, masked MSE (bench_conv_layers.py, bench_masked_mse.py)
+#   bench-other   ROI, folder throughput, training step (bench_roi.py, bench_train.py)
+# RESULTS_DIR defaults to benchmarks/results/<date>-<gpu>. PYTHON names the interpreter that
+# has torch (default python3; after scripts/setup.sh use PYTHON=.venv/bin/python).
+# Afterwards commit the folder; RESULTS_DIR/table.md is the README's table and
+# RESULTS_DIR/tuning.json the dispatcher's per-layer choice measured on this GPU (copy it
+# to glcic_fast/ops/tuning.json once the parity tests pass).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+stage="${1:-all}"
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || { echo "no CUDA GPU visible to $PY" >&2; exit 2; }
-dir="${1:-benchmarks/results/$(date -u +%Y%m%d-%H%M)-$gpu}"
+dir="${2:-benchmarks/results/$(date -u +%Y%m%d)-$gpu}"
 mkdir -p "$dir"
-MAX_JOBS="${MAX_JOBS:-8}" "$PY" -m pip install -q --no-build-isolation -e . 2>&1 | tail -20 | tee "$dir/build.log"
-"$PY" benchmarks/provenance.py > "$dir/provenance.json"
-cat "$dir/provenance.json"
-"$PY" -m pytest tests -q -rs 2>&1 | tee "$dir/tests.log"
-tests_rc=${PIPESTATUS[0]}
-"$PY" -m pytest benchmarks --benchmark-only --benchmark-json="$dir/benchmarks.json" \
-  --benchmark-columns=median,iqr,rounds -q -rs 2>&1 | tee "$dir/benchmarks.log"
-bench_rc=${PIPESTATUS[0]}
-"$PY" benchmarks/report.py "$dir/benchmarks.json" --plot "$dir/net_ms_per_megapixel.png" | tee "$dir/table.md"
-# The per-layer fastest backend; copy it to glcic_fast/ops/tuning.json once the parity tests pass.
-"$PY" benchmarks/make_tuning_table.py "$dir/benchmarks.json" -o "$dir/tuning.json"
-echo "tests exit $tests_rc, benchmarks exit $bench_rc; results in $dir"
-exit $(( tests_rc || bench_rc ))
+MAX_JOBS="${MAX_JOBS:-8}" "$PY" -m pip install -q --no-build-isolation -e . > "$dir/build.log" 2>&1 \
+  || { tail -30 "$dir/build.log"; exit 1; }
+"$PY" benchmarks/provenance.py > "$dir/provenance-$stage.json"
+cat "$dir/provenance-$stage.json"
+rc=0
+
+bench() {  # bench NAME FILES...: one pytest-benchmark run, its JSON and log kept
+  local name=$1; shift
+  "$PY" -m pytest "$@" --benchmark-only --benchmark-json="$dir/$name.json" \
+    --benchmark-columns=median,iqr,rounds -q -rs 2>&1 | tee "$dir/$name.log"
+  rc=$(( rc || PIPESTATUS[0] ))
+}
+
+if [ "$stage" = all ] || [ "$stage" = tests ]; then
+  GLCIC_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -rs 2>&1 | tee "$dir/tests.log"
+  rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [ "$stage" = all ] || [ "$stage" = bench-net ]; then
+  bench bench_net benchmarks/bench_net.py
+  "$PY" benchmarks/report.py "$dir/bench_net.json" --plot "$dir/net_ms_per_megapixel.png" | tee "$dir/table.md"
+fi
+if [ "$stage" = all ] || [ "$stage" = bench-layers ]; then
+  bench bench_layers benchmarks/bench_conv_layers.py benchmarks/bench_masked_mse.py
+  "$PY" benchmarks/make_tuning_table.py "$dir/bench_layers.json" -o "$dir/tuning.json"
+fi
+if [ "$stage" = all ] || [ "$stage" = bench-other ]; then
+  bench bench_other benchmarks/bench_roi.py benchmarks/bench_train.py
+fi
+echo "stage $stage: exit $rc; results in $dir"
+exit $rc
