@@ -114,9 +114,12 @@ def test_parity_with_float64(dilation, dtype, n, activation, affine):
 @needs_cuda
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_public_op_picks_cuda_and_matches(dtype, monkeypatch):
-    """The automatic choice (no tuning table) for the net's dilated layers is "cuda"; the op
-    takes an NCHW-contiguous input and returns channels_last."""
-    monkeypatch.setattr(dispatch, "_TUNING", {})
+    """Where the tuning table names "cuda" for the net's dilated layers the automatic choice
+    takes it (without a table it does not: see below); the op takes an NCHW-contiguous
+    input and returns channels_last."""
+    name = str(dtype).split(".")[-1]
+    monkeypatch.setattr(dispatch, "_TUNING", {"conv2d_bias_act": {
+        f"conv:{C}:{C}:k3:s1:d{d}:{name}": "cuda" for d in DILATIONS}})
     x, w, b, scale, shift = _make(dtype, n=2, size=(19, 24))
     for dilation in DILATIONS:
         args = (x, w, b, 1, dilation, dilation, "relu", scale, shift)
@@ -127,6 +130,14 @@ def test_public_op_picks_cuda_and_matches(dtype, monkeypatch):
                                     post_scale=scale, post_shift=shift)
         assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
         _assert_close(y, _epilogue64(_conv64(x, w, b, dilation), "relu", scale, shift), dtype)
+
+
+@needs_cuda
+def test_without_a_tuning_table_the_automatic_choice_is_not_cuda(monkeypatch):
+    monkeypatch.setattr(dispatch, "_TUNING", {})
+    x, w, b, scale, shift = _make(torch.bfloat16, n=1, size=(8, 8))
+    chosen, skipped = ops.explain("conv2d_bias_act", x.device, x, w, b, 1, 2, 2, "relu", scale, shift)
+    assert chosen != "cuda" and any(s.startswith("cuda: ") and "tuning table" in s for s in skipped), skipped
 
 
 @needs_cuda

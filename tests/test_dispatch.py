@@ -75,3 +75,22 @@ def test_torch_backend_matches_the_formula(transposed, activation):
 def test_net_says_which_backend_runs_each_layer():
     lines = CompletionNet().eval().explain_backends(torch.rand(1, 4, 16, 16))
     assert len(lines) == 17 and lines[0].startswith("conv1: torch")
+
+
+def test_non_automatic_backend_needs_a_tuning_table_entry(monkeypatch):
+    """A backend registered with automatic=False is chosen automatically only for the
+    shapes the tuning table names it for; by name it runs anywhere its check allows."""
+    from glcic_fast.ops import dispatch
+
+    monkeypatch.setitem(dispatch._REGISTRY, "unit_test_op", {})
+    dispatch.register("unit_test_op", "torch", lambda: "torch ran", lambda: None)
+    dispatch.register("unit_test_op", "cuda", lambda: "cuda ran", lambda: None, automatic=False)
+    gpu = torch.device("cuda")  # a device object only: the checks above never touch a GPU
+    monkeypatch.setattr(dispatch, "_TUNING", {})
+    chosen, skipped = dispatch.explain("unit_test_op", gpu, tuning_key="k")
+    assert chosen == "torch" and skipped == ["cuda: taken automatically only where the tuning table measured it fastest"]
+    monkeypatch.setattr(dispatch, "_TUNING", {"unit_test_op": {"k": "cuda"}})
+    assert dispatch.explain("unit_test_op", gpu, tuning_key="k") == ("cuda", [])
+    assert dispatch.explain("unit_test_op", gpu, tuning_key="other")[0] == "torch"
+    monkeypatch.setattr(dispatch, "_TUNING", {})
+    assert dispatch.resolve("unit_test_op", gpu, backend="cuda")[1]() == "cuda ran"

@@ -52,18 +52,23 @@ def test_net_on_gpu_512(backend, dtype, tolerance, bn_after_relu):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_auto_choice_on_gpu_uses_the_cuda_conv_for_the_256_channel_layers():
-    """The CUDA conv runs only the 3x3 256 -> 256 layers. Without a tuning table the
-    automatic choice takes it there in bf16 and falls back elsewhere; the whole-net parity
-    above with backend=None covers its numbers."""
+def test_auto_choice_takes_the_cuda_conv_only_where_the_tuning_table_names_it(monkeypatch):
+    """The CUDA conv runs only the 3x3 256 -> 256 layers, and the automatic choice takes it
+    only where a tuning table measured it fastest; elsewhere the choice falls back."""
     from glcic_fast.ops import dispatch
 
     if "cuda" not in ops.available_backends("conv2d_bias_act"):
         pytest.skip(f"no CUDA conv in this build: {ops.BACKEND_LOAD_ERRORS.get('cuda', 'not registered')}")
-    if dispatch._tuning_table().get("conv2d_bias_act"):
-        pytest.skip("a tuning table is in force: the choice is then the measured one")
     net = CompletionNet().cuda().eval()
-    lines = net.explain_backends(torch.rand(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16))
-    chosen = {line.split(":")[0]: line.split(":")[1].split()[0] for line in lines}
-    assert all(chosen[f"conv{i}"] == "cuda" for i in range(5, 13)), lines
-    assert chosen["conv1"] != "cuda" and chosen["deconv13"] != "cuda", lines
+    x = torch.rand(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+
+    def chosen():
+        return {line.split(":")[0]: line.split(":")[1].split()[0] for line in net.explain_backends(x)}
+
+    monkeypatch.setattr(dispatch, "_TUNING", {})
+    assert "cuda" not in chosen().values()
+    monkeypatch.setattr(dispatch, "_TUNING", {"conv2d_bias_act": {
+        f"conv:256:256:k3:s1:d{d}:bfloat16": "cuda" for d in (1, 2, 4, 8, 16)}})
+    picks = chosen()
+    assert all(picks[f"conv{i}"] == "cuda" for i in range(5, 13)), picks
+    assert picks["conv1"] != "cuda" and picks["deconv13"] != "cuda", picks

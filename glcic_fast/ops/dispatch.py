@@ -32,6 +32,8 @@ class BackendUnavailable(RuntimeError):
 class Implementation:
     run: Callable
     why_not: Callable[..., Optional[str]]
+    #: False: taken automatically only where the tuning table (measured on a GPU) names it.
+    automatic: bool = True
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
@@ -44,10 +46,14 @@ def set_load_errors(errors: Dict[str, str]):
     _LOAD_ERRORS.update(errors)
 
 
-def register(op: str, backend: str, run: Callable, why_not: Callable[..., Optional[str]]):
+def register(op: str, backend: str, run: Callable, why_not: Callable[..., Optional[str]], *,
+             automatic: bool = True):
+    """Make ``backend`` able to run ``op``. ``automatic=False`` keeps it out of the automatic
+    choice unless the tuning table names it for the shape: for kernels that cover only
+    some shapes and must earn their place by a measurement."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not)
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not, automatic)
 
 
 def _tuning_table() -> dict:
@@ -63,10 +69,16 @@ def _tuning_table() -> dict:
     return _TUNING
 
 
+def _preferred(op: str, device: torch.device, tuning_key: Optional[str]) -> Optional[str]:
+    if device.type != "cuda" or not tuning_key:
+        return None
+    return _tuning_table().get(op, {}).get(tuning_key)
+
+
 def _order(op: str, device: torch.device, tuning_key: Optional[str]) -> Tuple[str, ...]:
     order = _DEFAULT_ORDER.get(device.type, ("torch",))
-    preferred = _tuning_table().get(op, {}).get(tuning_key) if tuning_key else None
-    if preferred and device.type == "cuda":
+    preferred = _preferred(op, device, tuning_key)
+    if preferred:
         order = (preferred,) + tuple(b for b in order if b != preferred)
     return order
 
@@ -88,6 +100,9 @@ def explain(op: str, device: torch.device, *args, backend: Optional[str] = None,
             reason = _LOAD_ERRORS.get(name, "not implemented for this op")
         else:
             reason = impl.why_not(*args, **kwargs)
+            if (reason is None and not requested and not impl.automatic
+                    and _preferred(op, device, tuning_key) != name):
+                reason = "taken automatically only where the tuning table measured it fastest"
         if reason is None:
             return name, skipped
         skipped.append(f"{name}: {reason}")
