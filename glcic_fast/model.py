@@ -101,7 +101,7 @@ class CompletionNet(ReferenceCompletionNet):
         While autograd records, the folding is recomputed inside the graph so that
         gradients reach the parameters."""
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        tensors = list(self.state_dict(keep_vars=True).values())
+        tensors = [*self.parameters(), *self.buffers()]
         if recording or any(t.is_inference() for t in tensors):  # inference tensors have no version counter
             return self._fold(dtype, device)
         key = (dtype, device, self.bn_after_relu, tuple((t.data_ptr(), t._version) for t in tensors))
