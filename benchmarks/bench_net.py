@@ -4,7 +4,9 @@ On a GPU: 512^2, 1024^2, 2048^2 (4096^2 where memory allows), batch 1 and 8, for
   - the reference in eager fp32 NCHW (what users run today),
   - the reference in eager bf16 channels_last,
   - torch.compile(mode="max-autotune") of the reference with BN folded, bf16 channels_last,
-  - glcic_fast in bf16 with each available backend and with the dispatcher's choice.
+  - glcic_fast in bf16 with the dispatcher's choice ("auto"), with "torch" and "triton" for
+    every layer, and "cuda": glcic_fast._C's conv for the 3x3 256 -> 256 layers (conv5 to
+    conv12, the only ones it covers), the dispatcher's choice for the others.
 On the CPU: 512^2 and 1024^2, batch 1, fp32: the reference vs glcic_fast (torch backend).
 
 Every result's extra_info carries the device and versions, ms per megapixel, TFLOP/s and
@@ -14,10 +16,13 @@ reference on the same input (a fast result that is wrong is not a result).
     pytest benchmarks/bench_net.py --benchmark-only
 """
 
+import gc
+
 import pytest
 import torch
 
 from glcic_fast import CompletionNet, ops
+from glcic_fast.ops import dispatch
 from glcic_fast.architecture import completion_macs
 from glcic_fast.reference import ReferenceCompletionNet
 
@@ -34,9 +39,15 @@ else:
     SHAPES = [(1, 512), (1, 1024)]
     VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32"]
 
-# Bytes of activations per pixel at batch 1 (bf16 and its workspace, rough): used only to
-# skip shapes that cannot fit on the GPU at hand.
-_BYTES_PER_PIXEL_FP32 = 2400
+# GPU memory per input pixel that a shape needs, with margin: used only to skip shapes that
+# cannot fit on the GPU at hand. Every variant's shape also runs the eager fp32 reference
+# (for the max difference), whose peak is a full-resolution layer's conv, BN and ReLU
+# outputs alive at once: 3 x 64 channels x 4 bytes = 768 B per pixel, plus the input,
+# the kept output and cuDNN's workspace. 1200 B: batch 8 at 2048^2 (40 GB) and batch 1 at
+# 4096^2 (20 GB) run on an 80 GB GPU, batch 8 at 4096^2 (161 GB) is skipped.
+_BYTES_PER_PIXEL = 1200
+#: The CUDA conv's layers (3x3, 256 -> 256, stride 1, padding == dilation) by dilation.
+_CUDA_CONV_DILATIONS = (1, 2, 4, 8, 16)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +86,16 @@ def _build(variant, state):
         net.load_state_dict(state)
         net.eval()
         folded = _folded_reference(net).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-        return torch.compile(folded, mode="max-autotune"), \
+        # A fresh Dynamo state and static shapes: the second batch size must be compiled
+        # for its own shape, not recompiled with a dynamic batch dimension (Dynamo's
+        # automatic dynamic shapes after a guard failure), which is a different program.
+        torch._dynamo.reset()
+        return torch.compile(folded, mode="max-autotune", dynamic=False), \
             lambda x: x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     _, backend, dtype = variant.split("-")
-    net = CompletionNet(backend=None if backend == "auto" else backend).to(DEVICE)
+    # "cuda" names no backend on the net: the tuning table (see _prefer_cuda_conv) steers
+    # the layers the CUDA conv covers to it, and the dispatcher picks for the others.
+    net = CompletionNet(backend=None if backend in ("auto", "cuda") else backend).to(DEVICE)
     net.load_state_dict(state)
     net.eval()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -90,26 +107,41 @@ def _skip_reason(variant, batch, size):
         # max-autotune compiles for minutes per shape: measured where the targets are set.
         return "torch.compile(max-autotune) is measured at 1024^2 only"
     if CUDA:
+        # Memory the caching allocator holds but does not use (earlier shapes and
+        # variants) counts as free: empty the cache first, then ask the driver.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
-        if batch * size * size * _BYTES_PER_PIXEL_FP32 > free:
+        if batch * size * size * _BYTES_PER_PIXEL > free:
             return f"{batch} x {size}^2 does not fit in the {free / 2**30:.0f} GiB free on this GPU"
     if variant.startswith("glcic_fast-") and variant.split("-")[1] not in ("auto", "torch"):
         backend = variant.split("-")[1]
-        x = torch.empty(1, 4, 8, 8, device=DEVICE, dtype=torch.bfloat16)
-        w = torch.empty(8, 4, 3, 3, device=DEVICE, dtype=torch.bfloat16)
+        channels = 256 if backend == "cuda" else 4  # the CUDA conv covers 256 -> 256 only
+        x = torch.empty(1, channels, 8, 8, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.empty(channels, channels, 3, 3, device=DEVICE, dtype=torch.bfloat16)
         chosen, skipped = ops.explain("conv2d_bias_act", x.device, x, w, None, 1, 1, 1, "relu", None, None, backend=backend)
         if chosen is None:
             return f"backend {backend} cannot run here: {'; '.join(skipped)}"
     return None
 
 
+def _prefer_cuda_conv(monkeypatch):
+    """The dispatcher's tuning table, naming the CUDA conv for the layers it covers (bf16)."""
+    table = {op: dict(keys) for op, keys in dispatch._tuning_table().items()}
+    for d in _CUDA_CONV_DILATIONS:
+        table.setdefault("conv2d_bias_act", {})[f"conv:256:256:k3:s1:d{d}:bfloat16"] = "cuda"
+    monkeypatch.setattr(dispatch, "_TUNING", table)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch, size", SHAPES, ids=[f"b{b}-{s}" for b, s in SHAPES])
-def test_net_inference(benchmark, weights, bf16_gemm_tflops, variant, batch, size):
+def test_net_inference(benchmark, monkeypatch, weights, bf16_gemm_tflops, variant, batch, size):
     reason = _skip_reason(variant, batch, size)
     if reason:
         pytest.skip(reason)
     benchmark.group = f"net-{DEVICE}-b{batch}-{size}"
+    if variant.startswith("glcic_fast-cuda"):
+        _prefer_cuda_conv(monkeypatch)
     model, prepare = _build(variant, weights)
     x32, want = _input_and_reference_output(weights, batch, size)
     x = prepare(x32)
@@ -121,6 +153,10 @@ def test_net_inference(benchmark, weights, bf16_gemm_tflops, variant, batch, siz
     assert max_diff <= tolerance, f"{variant} differs from the reference by {max_diff}"
     info = provenance()
     info.update({"variant": variant, "batch": batch, "size": size, "max_abs_diff_to_fp32_reference": max_diff})
+    if isinstance(model, CompletionNet):  # which backend ran each layer ("conv1: triton (passed over: ...)")
+        with torch.inference_mode():
+            lines = model.explain_backends(x[:1, :, :64, :64])
+        info["backends"] = {line.split(":")[0]: line.split(":")[1].split()[0] for line in lines}
     if benchmark.stats is not None:  # None under --benchmark-disable
         seconds = benchmark.stats.stats.median
         tflops = 2 * completion_macs(size, size) * batch / seconds / 1e12
