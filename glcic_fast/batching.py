@@ -29,6 +29,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -128,8 +129,11 @@ class Runner:
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(x)
-            except Exception:  # capture can fail (an op that is not capturable): run eagerly
+            except Exception as exc:  # capture can fail (an op that is not capturable): run eagerly
                 self.failed.add(key)
+                warnings.warn(f"glcic_fast: CUDA graph capture failed for input {key[0]} {key[1]}, running "
+                              f"that shape eagerly: {type(exc).__name__}: {exc}", RuntimeWarning)
+            if key in self.failed:  # outside the except block: the failed capture's tensors are freed
                 torch.cuda.synchronize()
                 return self.net(x)
             while len(self.graphs) > MAX_GRAPHS:
@@ -149,7 +153,12 @@ class Runner:
                 self.net(static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "thread_local": other threads keep calling CUDA while this one captures (the
+        # DataLoader's pin-memory thread allocates pinned memory and queries events, the
+        # writer threads wait on events). Under the default "global" mode those calls are
+        # illegal during any thread's capture: they fail in those threads and invalidate
+        # the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.net(static_in)
         return graph, static_in, static_out
 
