@@ -108,6 +108,12 @@ def _device(args, world, local_rank):
             raise UsageError(f"under torchrun each process uses cuda:LOCAL_RANK; --device {args.device} is not allowed")
         if not torch.cuda.is_available():
             raise UsageError("torchrun with several processes needs CUDA GPUs (one per process)")
+        if not 0 <= local_rank < torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                             "GPU(s): start at most one process per GPU (torchrun --nproc-per-node)")
+        # The process's current device too, so that nothing lands on cuda:0 by default (an
+        # extra CUDA context there per process) and Triton launches on this GPU.
+        torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if args.device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
