@@ -34,6 +34,7 @@ and torch.export keep them as single fused ops) and with the dispatcher as backe
 ``"triton"``.
 """
 
+import contextlib
 import os
 from typing import Optional
 
@@ -106,10 +107,27 @@ def _configs():
     return _hopper_configs()
 
 
+def _autotune_bench_options():
+    """A shorter benchmark per config than Triton's default (25 ms warm-up, 100 ms of
+    repetitions): a layer call takes 0.05 to 50 ms, so 5 + 25 ms still time at least one
+    whole call after warm-up, and tuning the ~14 distinct layer shapes of one image size
+    costs seconds, not minutes. Older Triton without ``do_bench``: its default."""
+    import inspect
+
+    if _INTERPRET or "do_bench" not in inspect.signature(triton.autotune).parameters:
+        return {}
+
+    def do_bench(kernel_call, quantiles):
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+    return {"do_bench": do_bench}
+
+
 @triton.autotune(
     configs=_configs(),
     key=["M", "H", "W", "C_out", "C_IN", "KH", "KW", "STRIDE", "PAD", "DIL", "TRANSPOSED"],
     prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+    **_autotune_bench_options(),
 )
 @triton.jit
 def _conv_gemm_kernel(
@@ -318,17 +336,19 @@ def _launch(x, packed, bias, post_scale, post_shift, out, *, c_out, taps_h, taps
 
     wrap = getattr(torch.library, "wrap_triton", None)
     kernel = wrap(_conv_gemm_kernel) if wrap is not None else _conv_gemm_kernel
-    kernel[grid](
-        x, packed,
-        bias if bias is not None else dummy,
-        post_scale if post_scale is not None else dummy,
-        post_shift if post_shift is not None else dummy,
-        out,
-        m, h, w, oh, ow, qh, qw, c_out,
-        c_in, taps_h, taps_w, stride, padding, dilation, transposed,
-        bias is not None, _ACT_CODES[activation], post_scale is not None,
-        upcast, precision,
-    )
+    # Triton launches on the current CUDA device, whatever device the tensors are on.
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](
+            x, packed,
+            bias if bias is not None else dummy,
+            post_scale if post_scale is not None else dummy,
+            post_shift if post_shift is not None else dummy,
+            out,
+            m, h, w, oh, ow, qh, qw, c_out,
+            c_in, taps_h, taps_w, stride, padding, dilation, transposed,
+            bias is not None, _ACT_CODES[activation], post_scale is not None,
+            upcast, precision,
+        )
     return out
 
 
