@@ -3,6 +3,7 @@
 On the CPU the Triton backend runs through Triton's interpreter at a small size; on a GPU
 every backend runs at 512 x 512 in fp32 and bf16."""
 
+import contextlib
 import os
 
 import pytest
@@ -14,6 +15,19 @@ from glcic_fast.reference import ReferenceCompletionNet
 from helpers import randomize
 
 CUDA = torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """An fp32 reference: TF32 off in cuDNN and cuBLAS for the block, then as it was (not
+    monkeypatch: torch.backends.cuda.matmul has no attribute of its own that it could put
+    back, and recent pytest's undo then fails)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _pair(bn_after_relu, backend, device):
@@ -33,22 +47,30 @@ def test_triton_net_on_the_interpreter(bn_after_relu):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+# bf16: 17 layers, each rounding its output to 8 bits of mantissa; with these random
+# weights and BN statistics that moves the sigmoid outputs by about 3e-3 on average and
+# by up to about 3e-2 at 512 x 512 (measured with the torch backend in bf16 on the CPU,
+# whose convolutions round as cuDNN's do). A wrong tap, dilation or epilogue moves the
+# mean by tens of times that.
+TOLERANCES = [pytest.param(torch.float32, 1e-4, 1e-5, id="fp32"), pytest.param(torch.bfloat16, 8e-2, 6e-3, id="bf16")]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", [None, "torch", "triton"])  # "cuda" covers only layers 5-12: see below
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, max_tolerance, mean_tolerance", TOLERANCES)
 @pytest.mark.parametrize("bn_after_relu", [False, True])
-def test_net_on_gpu_512(backend, dtype, tolerance, bn_after_relu):
+def test_net_on_gpu_512(backend, dtype, max_tolerance, mean_tolerance, bn_after_relu):
     if backend is not None and not ops.available_backends("conv2d_bias_act").count(backend):
         pytest.skip(f"backend {backend} is not available: {ops.BACKEND_LOAD_ERRORS.get(backend, 'not registered')}")
     net, ref = _pair(bn_after_relu, backend, "cuda")
     x = torch.rand(2, 4, 512, 512, generator=torch.Generator().manual_seed(0)).cuda()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.inference_mode():
+    with torch.inference_mode(), _no_tf32():
         want = ref(x)
         got = net(x.to(dtype)).float()
     assert torch.isfinite(got).all()
-    assert (got - want).abs().max().item() <= tolerance
+    diff = (got - want).abs()
+    assert diff.max().item() <= max_tolerance and diff.mean().item() <= mean_tolerance, \
+        f"max {diff.max().item():.3g} (<= {max_tolerance}), mean {diff.mean().item():.3g} (<= {mean_tolerance})"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

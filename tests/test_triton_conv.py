@@ -426,9 +426,14 @@ def test_tf32_only_when_asked_on_gpu(monkeypatch):
     x, w, b, _, _ = _make((False, 256, 256, 3), torch.float32, affine=False, size=(64, 64))
     ref = _reference(False, x, w, b, 1, 1, 1, "relu", None, None)
     monkeypatch.setattr(tk, "ALLOW_TF32", None)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    with torch.no_grad():
-        exact = tk.launch_conv2d(x, w, b, 1, 1, 1, "relu", None, None)
+    # Not monkeypatch: torch.backends.cuda.matmul has no attribute of its own to put back.
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            exact = tk.launch_conv2d(x, w, b, 1, 1, 1, "relu", None, None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     _assert_close(exact, ref, torch.float32)                        # ieee: rel err <= 1e-5
     monkeypatch.setattr(tk, "ALLOW_TF32", True)
     with torch.no_grad():
