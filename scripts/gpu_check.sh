@@ -23,7 +23,22 @@ stage="${1:-all}"
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))") || { echo "no CUDA GPU visible to $PY" >&2; exit 2; }
 dir="${2:-benchmarks/results/$(date -u +%Y%m%d)-$gpu}"
 mkdir -p "$dir"
-MAX_JOBS="${MAX_JOBS:-8}" "$PY" -m pip install -q --no-build-isolation -e . > "$dir/build.log" 2>&1 \
+# What the package and its tests import, checked before anything is built: a GPU machine may
+# reach no package index, so a missing one must be brought along (e.g. torchfile, a single
+# pure-Python file: copy it into a folder on PYTHONPATH).
+"$PY" - <<'PYEOF' || exit 2
+import importlib.util, sys
+need = ["torch", "triton", "numpy", "cv2", "safetensors", "torchfile", "tqdm", "pytest", "pytest_benchmark",
+        "skimage", "matplotlib", "ninja"]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing Python modules: {', '.join(missing)} (install them or put them on PYTHONPATH)")
+PYEOF
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then
+  export CUDA_HOME=/usr/local/cuda  # the nvcc on PATH may be a wrapper script
+fi
+# --no-deps: the interpreter's packages are used as they are (nothing is downloaded).
+MAX_JOBS="${MAX_JOBS:-8}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$dir/build.log" 2>&1 \
   || { tail -30 "$dir/build.log"; exit 1; }
 "$PY" benchmarks/provenance.py > "$dir/provenance-$stage.json"
 cat "$dir/provenance-$stage.json"
