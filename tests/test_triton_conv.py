@@ -444,7 +444,10 @@ def test_tf32_only_when_asked_on_gpu(monkeypatch):
 
 @needs_cuda
 def test_inductor_compiles_the_triton_ops_on_gpu():
+    import torch._inductor.config as inductor_config
+
     model = _TwoLayers().cuda()
     x = torch.randn(2, 4, 64, 64, device="cuda")
-    with torch.no_grad():
+    # A handful of kernels: compiled in this process, without starting a pool of compile workers.
+    with torch.no_grad(), inductor_config.patch(compile_threads=1):
         torch.testing.assert_close(torch.compile(model)(x), model(x))
