@@ -7,7 +7,8 @@
 #
 # STAGE: all (default), or one of the stages below when each command must stay short
 # (each fits in about 10 minutes on an H100; every stage first (re)builds the extension):
-#   tests         every test, Triton autotuning off (one config: parity, not speed)
+#   tests         every test, Triton autotuning off (one config: parity, not speed), in
+#                 parallel processes when pytest-xdist is installed
 #   bench-net     whole-network inference, every backend (benchmarks/bench_net.py)
 #   bench-layers  each layer per backend, masked MSE (bench_conv_layers.py, bench_masked_mse.py)
 #   bench-other   ROI, folder throughput, training step (bench_roi.py, bench_train.py)
@@ -52,7 +53,12 @@ bench() {  # bench NAME FILES...: one pytest-benchmark run, its JSON and log kep
 }
 
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
-  GLCIC_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -rs 2>&1 | tee "$dir/tests.log"
+  # With pytest-xdist, test files run in TEST_WORKERS processes (each file whole, in order, in
+  # one of them): compiling the Triton kernels' specialisations, most of this stage's time,
+  # then goes on in parallel with the CPU tests. (Benchmarks always run alone.)
+  par=()
+  "$PY" -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-4}" --dist loadfile)
+  GLCIC_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -rs ${par[@]+"${par[@]}"} 2>&1 | tee "$dir/tests.log"
   rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [ "$stage" = all ] || [ "$stage" = bench-net ]; then
