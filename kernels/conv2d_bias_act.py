@@ -82,15 +82,18 @@ def _interpreter_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much wider than Cout and those whose pipeline would not fit in shared memory."""
+    """Drop tiles much wider than Cout, those whose pipeline would not fit in shared memory,
+    and for exact fp32 (FMA, no tensor cores: the accumulator tile lives in registers)
+    tiles over 128 x 128, which spill and are the slowest to compile."""
     c_out = named_args["C_out"]
     itemsize = named_args["x_ptr"].dtype.itemsize
+    fma = named_args.get("INPUT_PRECISION", kwargs.get("INPUT_PRECISION")) == "ieee"
     cap_n = max(32, triton.next_power_of_2(c_out))
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         smem = c.num_stages * (bm * bk + bk * bn) * itemsize
-        if bn <= cap_n and smem <= 200 * 1024:
+        if bn <= cap_n and smem <= 200 * 1024 and not (fma and bm * bn > 128 * 128):
             kept.append(c)
     if not kept:  # always leave the smallest tile
         kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
