@@ -178,7 +178,8 @@ def complete(image, mask, weights=None, device=None, dtype=None, postprocess: bo
 
     Returns:
         The completed image in the form given: a tensor on the input tensor's device
-        and dtype (a float32 CPU tensor for a path), or a numpy array like the input.
+        and dtype, or a numpy array like the input. For a path, a float32 CPU tensor
+        with the file's channels (1 gray, 3 RGB, 4 RGBA with its alpha kept).
     """
     from .completion import complete_with
 

@@ -37,8 +37,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .completion import NetworkInput, exact_forward, padded_size
-from .imageio import full_scale, read_mask_array, read_rgb_array
+from .completion import NetworkInput, exact_forward, from_rgb, padded_size, to_rgb
+from .imageio import full_scale, read_image_array, read_mask_array
 
 #: Most CUDA graphs kept at a time (each holds its own activation memory).
 MAX_GRAPHS = 4
@@ -55,14 +55,15 @@ class Job:
     output: str
 
 
-def decode_image(path) -> torch.Tensor:
-    """3 x H x W: uint8 for 8-bit files (a quarter of the bytes to move between processes),
-    float32 in [0, 1] otherwise (RGB; gray repeated, alpha dropped)."""
-    data = read_rgb_array(path)
+def decode_image(path) -> Tuple[torch.Tensor, str]:
+    """(C x H x W image, the file's sample type). The image has the file's channels (1 gray,
+    3 RGB, 4 RGBA) and is uint8 for 8-bit files (a quarter of the bytes to move between
+    processes), float32 in [0, 1] otherwise."""
+    data = read_image_array(path)
     t = torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1).contiguous()
     if data.dtype == np.uint8:
-        return t
-    return t.float() / full_scale(data.dtype)
+        return t, "uint8"
+    return t.float() / full_scale(data.dtype), str(data.dtype)
 
 
 def rect_mask(height: int, width: int, rects: Sequence[Rect]) -> torch.Tensor:
@@ -94,9 +95,9 @@ class JobDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         job = self.jobs[i]
-        image = decode_image(job.image)
+        image, sample_type = decode_image(job.image)
         mask = decode_mask(job.mask, image.shape[1], image.shape[2])
-        return {"index": i, "image": image, "mask": mask}
+        return {"index": i, "image": image, "mask": mask, "sample_type": sample_type}
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -155,8 +156,9 @@ class Runner:
 
 
 class _Writers:
-    """Threads that finish results: wait for the device-to-host copy, post-process,
-    write the file (or hand the tensor back)."""
+    """Threads that finish results: wait for the device-to-host copy, post-process the RGB,
+    put it back in the input's channels (gray, RGBA), write the file (or hand the tensor
+    back)."""
 
     def __init__(self, count: int, postprocess: bool, on_done: Optional[Callable[[int], None]], results=None):
         self.queue = queue.Queue(maxsize=max(4, 4 * count))
@@ -181,14 +183,16 @@ class _Writers:
             item = self.queue.get()
             if item is None:
                 return
-            index, output, image, hole, event = item
+            index, output, image, hole, event, original, sample_type = item
             try:
                 if event is not None:
                     event.synchronize()
                 if self.postprocess and hole.any():
                     image = postprocess(image, hole)
+                if original is not None:
+                    image = from_rgb(image, _as_float(original), hole)
                 if output is not None:
-                    write_image(output, image)
+                    write_image(output, image, sample_type)
                 if self.results is not None:
                     self.results[index] = image
                 if self.on_done is not None:
@@ -231,18 +235,20 @@ class _Engine:
         self.buckets = {}
         self.pinned = device.type == "cuda"
 
-    def add(self, index, output, image, mask):
-        """``image``: 3 x H x W (uint8, or float in [0, 1]); ``mask``: 1 x H x W (uint8
-        255 = fill, or float in [0, 1])."""
+    def add(self, index, output, image, mask, sample_type="uint8"):
+        """``image``: C x H x W (uint8, or float in [0, 1]; C = 1 gray, 3 RGB, 4 RGBA);
+        ``mask``: 1 x H x W (uint8 255 = fill, or float in [0, 1]); ``sample_type``: what
+        the output file is written with."""
         hole = _as_float(mask) > self.mask_threshold  # on the host: no device sync to test it
         if not hole.any():  # nothing to fill: the image as it is
-            self.writers.put((index, output, _as_float(image), hole, None))
+            self.writers.put((index, output, _as_float(image), hole, None, None, sample_type))
             return
-        image = image.to(self.device, non_blocking=True)
+        original = image if image.shape[0] != 3 else None  # the channels the network does not see
+        image = to_rgb(image).to(self.device, non_blocking=True)
         hole = hole.to(self.device, non_blocking=True)
         key = padded_size(*image.shape[-2:])
         bucket = self.buckets.setdefault(key, [])
-        bucket.append((index, output, image, hole))
+        bucket.append((index, output, image, hole, original, sample_type))
         if len(bucket) >= self.batch_size:
             self._run(self.buckets.pop(key))
 
@@ -252,7 +258,7 @@ class _Engine:
 
     def _run(self, batch):
         images, holes, inputs = [], [], []
-        for _, _, image, hole in batch:
+        for _, _, image, hole, _, _ in batch:
             image, hole = _as_float(image)[None], hole[None]
             net_input = NetworkInput(self.net, image, hole.to(image.dtype), self.dtype)
             inputs.append(net_input.crop(net_input.whole()))
@@ -270,18 +276,18 @@ class _Engine:
                 torch.cuda.empty_cache()
             from .completion import complete_with
 
-            for i, (index, output, _, _) in enumerate(batch):
+            for i, (index, output, _, _, original, sample_type) in enumerate(batch):
                 result = complete_with(self.net, images[i], holes[i].to(images[i].dtype))
                 (host, host_hole), event = _to_host([result[0], holes[i][0]], self.pinned)
-                self.writers.put((index, output, host, host_hole, event))
+                self.writers.put((index, output, host, host_hole, event, original, sample_type))
             return
         with torch.inference_mode():
-            for i, (index, output, _, _) in enumerate(batch):
+            for i, (index, output, _, _, original, sample_type) in enumerate(batch):
                 image, hole = images[i], holes[i]
                 h, w = image.shape[-2:]
                 result = torch.where(hole, y[i:i + 1, :, :h, :w].to(image.dtype), image)
                 (host, host_hole), event = _to_host([result[0], hole[0]], self.pinned)
-                self.writers.put((index, output, host, host_hole, event))
+                self.writers.put((index, output, host, host_hole, event, original, sample_type))
 
 
 def _on(device):
@@ -332,7 +338,7 @@ def complete_files(net, jobs: Sequence[Job], *, device=None, dtype=None, batch_s
         with _on(device):
             for item in loader:
                 i = item["index"]
-                engine.add(i, jobs[i].output, item["image"], item["mask"])
+                engine.add(i, jobs[i].output, item["image"], item["mask"], item["sample_type"])
             engine.flush()
     finally:
         writers.close()

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .imageio import read_image, read_mask
+from .imageio import read_mask, read_rgb
 from .model import CompletionNet
 from .reference import ReferenceCompletionNet
 
@@ -63,7 +63,7 @@ def format_table(rows, size) -> str:
 def run(weights=None, image_path=None, mask_path=None, repeats=3) -> str:
     from .weights import load
 
-    image = read_image(image_path or os.path.join(EXAMPLES, "astronaut.png"))
+    image = read_rgb(image_path or os.path.join(EXAMPLES, "astronaut.png"))
     mask = read_mask(mask_path or os.path.join(EXAMPLES, "astronaut_mask.png"))
     h, w = (s - s % 4 for s in image.shape[-2:])
     image, mask = image[:, :h, :w], mask[:, :h, :w]

@@ -86,10 +86,14 @@ def _image_size(path):
 
 
 def _check_writable_extension(path):
-    import cv2
+    from .imageio import check_writable
 
-    if not path.lower().endswith(IMAGE_EXTENSIONS) or (hasattr(cv2, "haveImageWriter") and not cv2.haveImageWriter(path)):
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
         raise UsageError(f"cannot write an image to {path}: use an image extension such as .png or .jpg")
+    try:
+        check_writable(path, channels=3)
+    except ValueError as exc:
+        raise UsageError(str(exc))
 
 
 def _distributed():
@@ -156,9 +160,9 @@ def _complete_one(args, device):
 
     import torch
 
-    from .completion import complete_with
-    from .imageio import read_image, read_mask, write_image
     from .batching import rect_mask
+    from .completion import complete_with
+    from .imageio import array_to_tensor, check_writable, read_image_array, read_mask, write_image
 
     source = args.input
     if args.masks:
@@ -178,7 +182,9 @@ def _complete_one(args, device):
     if args.mask and not os.path.isfile(args.mask):
         raise UsageError(f"no mask file {args.mask}")
     try:
-        image = read_image(source)
+        data = read_image_array(source)
+        check_writable(output, data.shape[2])  # alpha needs a format that holds it
+        image = array_to_tensor(data)
         mask = read_mask(args.mask) if args.mask else torch.zeros(1, *image.shape[-2:])
     except ValueError as exc:
         raise UsageError(str(exc))
@@ -191,7 +197,7 @@ def _complete_one(args, device):
     start = time.perf_counter()
     out = complete_with(net, image.to(device), mask.to(device), mask_threshold=args.mask_threshold,
                         postprocess=not args.no_postprocess)
-    write_image(output, out.cpu())
+    write_image(output, out.cpu(), data.dtype)
     seconds = time.perf_counter() - start
     print(f"completed 1 image in {seconds:.2f} s ({1 / seconds:.2f} images/s) -> {output}")
     return 0

@@ -233,8 +233,7 @@ def complete_with(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshol
         result = image.clone()
         return result[0] if squeeze else result
 
-    channels = image.shape[1]
-    rgb = image[:, :3] if channels == 4 else image.expand(-1, 3, -1, -1) if channels == 1 else image
+    rgb = to_rgb(image)
     hole = hole_bool.to(image.dtype)
     was_training = net.training
     net.eval()
@@ -248,15 +247,31 @@ def complete_with(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshol
         from .postprocess import postprocess as _postprocess
 
         completed = _postprocess(completed, hole_bool)
-    if channels == 1:
-        luma = torch.tensor(LUMA, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
-        gray = (completed * luma).sum(dim=1, keepdim=True).clamp_(0, 1)
-        result = torch.where(hole_bool, gray, image)
-    elif channels == 4:
-        result = torch.cat([completed, image[:, 3:]], dim=1)
-    else:
-        result = completed
+    result = from_rgb(completed, image, hole_bool)
     return result[0] if squeeze else result
+
+
+def to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """The RGB the network completes, from an N x C x H x W (or C x H x W) image with
+    C = 1 (gray, repeated), 3 or 4 (alpha left out)."""
+    channels = image.shape[-3]
+    if channels == 1:
+        return image.expand(*image.shape[:-3], 3, -1, -1)
+    return image[..., :3, :, :] if channels == 4 else image
+
+
+def from_rgb(completed: torch.Tensor, image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """``completed`` (RGB, equal to ``image``'s RGB outside ``hole``) back in ``image``'s
+    channels: gray through BT.601 luma inside the holes (outside them the input's own
+    values), RGBA with the input's alpha untouched."""
+    channels = image.shape[-3]
+    if channels == 1:
+        luma = torch.tensor(LUMA, dtype=completed.dtype, device=completed.device).view(3, 1, 1)
+        gray = (completed * luma).sum(dim=-3, keepdim=True).clamp_(0, 1)
+        return torch.where(hole, gray.to(image.dtype), image)
+    if channels == 4:
+        return torch.cat([completed.to(image.dtype), image[..., 3:, :, :]], dim=-3)
+    return completed
 
 
 #: The old name of :func:`complete_with` (``CompletionNet.complete`` calls it).

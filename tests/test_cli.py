@@ -260,3 +260,64 @@ def test_complete_many_redoes_a_batch_that_runs_out_of_memory(net, monkeypatch):
     out = complete_many(net, images, masks, batch_size=2)
     for got, image, mask in zip(out, images, masks):
         assert torch.equal(got, complete_with(net, image, mask))
+
+
+def _alpha_gray_and_deep_files(folder):
+    """cat.png as RGBA with a varying alpha, cup.png as gray, astronaut.png as 16-bit RGB."""
+    images = folder / "images"
+    cat = cv2.imread(str(images / "cat.png"))
+    alpha = np.tile(np.linspace(10, 250, cat.shape[1]).astype(np.uint8), (cat.shape[0], 1))
+    cv2.imwrite(str(images / "cat.png"), np.dstack([cat, alpha]))
+    cup = cv2.imread(str(images / "cup.png"))
+    cv2.imwrite(str(images / "cup.png"), cv2.cvtColor(cup, cv2.COLOR_BGR2GRAY))
+    astronaut = cv2.imread(str(images / "astronaut.png")).astype(np.uint16) * 257 + 3
+    cv2.imwrite(str(images / "astronaut.png"), astronaut)
+
+
+def _check_kept(source, written, mask, net):
+    """``written`` holds ``source``'s channels and sample type, equal to it outside the holes
+    and to complete_with's result inside them."""
+    raw_in, raw_out = cv2.imread(str(source), cv2.IMREAD_UNCHANGED), cv2.imread(str(written), cv2.IMREAD_UNCHANGED)
+    assert raw_out.dtype == raw_in.dtype and raw_out.shape == raw_in.shape
+    hole = read_mask(mask)[0].numpy() > 0.5
+    assert np.array_equal(raw_out[~hole], raw_in[~hole])
+    if raw_in.ndim == 3 and raw_in.shape[2] == 4:
+        assert np.array_equal(raw_out[..., 3], raw_in[..., 3])  # alpha untouched, holes included
+    want = complete_with(net, read_image(source), read_mask(mask))
+    scale = 65535 if raw_in.dtype == np.uint16 else 255
+    assert (read_image(written) - want).abs().max().item() <= _EIGHT_BIT_TOLERANCE * 255 / scale + 1e-6
+
+
+def test_folder_keeps_alpha_gray_and_16_bits(folder, weights, net):
+    _alpha_gray_and_deep_files(folder)
+    out = folder / "out"
+    assert run("complete", folder / "images", "--masks", folder / "masks", "-o", out, "--weights", weights,
+               "--no-postprocess", "--no-progress", "--workers", "1", "--batch-size", "3") == 0
+    for stem in SIZES:
+        _check_kept(folder / "images" / f"{stem}.png", out / f"{stem}.png", folder / "masks" / f"{stem}.png", net)
+
+
+def test_single_image_keeps_alpha_gray_and_16_bits(folder, weights, net, capsys):
+    _alpha_gray_and_deep_files(folder)
+    for stem in SIZES:
+        out = folder / f"single_{stem}.png"
+        assert run("complete", folder / "images" / f"{stem}.png", "--mask", folder / "masks" / f"{stem}.png",
+                   "-o", out, "--weights", weights, "--no-postprocess") == 0
+        _check_kept(folder / "images" / f"{stem}.png", out, folder / "masks" / f"{stem}.png", net)
+    # Alpha has nowhere to go in a JPEG: refused before anything runs, nothing written.
+    jpg = folder / "cat.jpg"
+    assert run("complete", folder / "images" / "cat.png", "--mask", folder / "masks" / "cat.png", "-o", jpg,
+               "--weights", weights) == 2
+    assert "alpha" in capsys.readouterr().err and not jpg.exists()
+
+
+def test_folder_postprocess_keeps_alpha(folder, weights):
+    _alpha_gray_and_deep_files(folder)
+    out = folder / "out"
+    assert run("complete", folder / "images", "--masks", folder / "masks", "-o", out, "--weights", weights,
+               "--no-progress", "--workers", "0") == 0
+    raw_in = cv2.imread(str(folder / "images" / "cat.png"), cv2.IMREAD_UNCHANGED)
+    raw_out = cv2.imread(str(out / "cat.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(raw_out[..., 3], raw_in[..., 3])
+    hole = read_mask(folder / "masks" / "cat.png")[0].numpy() > 0.5
+    assert np.array_equal(raw_out[~hole], raw_in[~hole]) and not np.array_equal(raw_out[hole], raw_in[hole])
