@@ -37,7 +37,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .completion import NetworkInput, exact_forward, from_rgb, padded_size, to_rgb
+from .completion import NetworkInput, from_rgb, padded_size, run_network, to_rgb
 from .imageio import full_scale, read_image_array, read_mask_array
 
 #: Most CUDA graphs kept at a time (each holds its own activation memory).
@@ -117,7 +117,7 @@ class Runner:
         x = x.contiguous(memory_format=torch.channels_last)
         key = (tuple(x.shape), x.dtype)
         if not self.cuda_graphs or x.device.type != "cuda" or key in self.failed:
-            return exact_forward(self.net, x)  # net(x), made position-independent on the CPU
+            return run_network(self.net, x)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(x)

@@ -86,7 +86,7 @@ def _pointwise_forward(calls, oom_above=None):
 
 def test_max_pixels_tiles_only_larger_crops(monkeypatch):
     calls = []
-    monkeypatch.setattr(completion, "exact_forward", _pointwise_forward(calls))
+    monkeypatch.setattr(completion, "run_network", _pointwise_forward(calls))
     net = CompletionNet()
     image, mask = torch.rand(3, 700, 900), rect_mask(700, 900, (300, 400, 100, 100))
     whole = complete_with(net, image, mask, roi=False)
@@ -101,11 +101,11 @@ def test_max_pixels_tiles_only_larger_crops(monkeypatch):
 def test_out_of_memory_retries_in_smaller_tiles(monkeypatch):
     calls, emptied = [], []
     monkeypatch.setattr(tiling, "empty_cuda_cache", lambda: emptied.append(1))
-    monkeypatch.setattr(completion, "exact_forward", _pointwise_forward(calls))
+    monkeypatch.setattr(completion, "run_network", _pointwise_forward(calls))
     net = CompletionNet()
     image, mask = torch.rand(3, 1200, 1000), rect_mask(1200, 1000, (100, 100, 900, 700))
     want = complete_with(net, image, mask)
-    monkeypatch.setattr(completion, "exact_forward", _pointwise_forward(calls, oom_above=500 * 500))
+    monkeypatch.setattr(completion, "run_network", _pointwise_forward(calls, oom_above=500 * 500))
     calls.clear()
     got = complete_with(net, image, mask)
     assert torch.equal(got, want)
@@ -115,6 +115,6 @@ def test_out_of_memory_retries_in_smaller_tiles(monkeypatch):
 
 def test_out_of_memory_with_nothing_small_enough_reraises(monkeypatch):
     monkeypatch.setattr(tiling, "empty_cuda_cache", lambda: None)
-    monkeypatch.setattr(completion, "exact_forward", _pointwise_forward([], oom_above=100))
+    monkeypatch.setattr(completion, "run_network", _pointwise_forward([], oom_above=100))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         complete_with(CompletionNet(), torch.rand(3, 600, 600), rect_mask(600, 600, (200, 200, 200, 200)))

@@ -12,12 +12,28 @@ import torch.nn.functional as F
 from . import dispatch
 
 
+def _position_independent_sigmoid_(y):
+    """``y.sigmoid_()`` whose value for an element does not depend on where it lies.
+
+    PyTorch's CPU sigmoid runs vector code on most of each thread's chunk and scalar code
+    on the rest, and the two can differ in the last bit: a pixel's value would then depend
+    on the tensor's size and the thread count, and crops or tiles of an image would not
+    reproduce the whole image bit for bit. An output with a stride of 2 sends every element
+    through the scalar loop. (CUDA computes each element alike: nothing to do there.)"""
+    if y.device.type != "cpu":
+        return y.sigmoid_()
+    n, c, h, w = y.shape
+    scalar_out = torch.empty(2 * y.numel(), dtype=y.dtype)[::2].view(n, h, w, c).permute(0, 3, 1, 2)
+    torch.sigmoid(y, out=scalar_out)
+    return y.copy_(scalar_out)
+
+
 def _epilogue(y, activation, post_scale, post_shift):
     recording = torch.is_grad_enabled() and y.requires_grad
     if activation == "relu":
         y = F.relu(y) if recording else y.relu_()
     elif activation == "sigmoid":
-        y = torch.sigmoid(y) if recording else y.sigmoid_()
+        y = torch.sigmoid(y) if recording else _position_independent_sigmoid_(y)
     if post_scale is not None:
         shape = (1, -1, 1, 1)
         if recording:
