@@ -1,8 +1,10 @@
 """The fast net against the reference on this machine: time per image and max difference.
 
 Used by ``glcic-fast bench``. Both run in eval mode under inference_mode with the same
-weights: the reference as the eager PyTorch graph users already have (NCHW, separate
-conv, BatchNorm and ReLU), glcic_fast with BN folded and each layer one fused op.
+weights, on the GPU when there is one: the reference as the eager PyTorch graph users
+already have (NCHW, separate conv, BatchNorm and ReLU), glcic_fast with BN folded and each
+layer one fused op. With trained weights (given, or the demo checkpoint bundled in
+``examples/``) it can also write the completed example.
 """
 
 import os
@@ -15,29 +17,37 @@ from .model import CompletionNet
 from .reference import ReferenceCompletionNet
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+#: The demonstration checkpoint trained by scripts/train_demo.sh (absent until one is bundled).
+DEMO_WEIGHTS = os.path.join(EXAMPLES, "demo_completionnet.safetensors")
+
+
+def _synchronize():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _median_seconds(fn, repeats):
     fn()  # warm-up: oneDNN / cuDNN pick their algorithms on the first call
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
 def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats: int = 3):
     """Rows of (what, seconds per image, max |difference| to the reference) for one
-    completion of ``image`` / ``mask`` (3 x H x W, 1 x H x W; H, W multiples of 4)."""
-    reference = ReferenceCompletionNet(net.bn_after_relu).to(next(net.parameters()).device)
+    completion of ``image`` / ``mask`` (3 x H x W, 1 x H x W; H, W multiples of 4), on
+    the net's device."""
+    device = next(net.parameters()).device
+    reference = ReferenceCompletionNet(net.bn_after_relu).to(device)
     reference.load_state_dict(net.state_dict())
     reference.eval()
     net.eval()
+    image, mask = image.to(device), mask.to(device)
     hole = (mask > 0.5).to(image.dtype)[None]
     x = net.prepare_input(image[None], hole)
     with torch.inference_mode():
@@ -50,28 +60,52 @@ def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats
             (f"glcic_fast ({net.backend or 'auto'} backend, BN folded, fused ops)", t_fast, diff)]
 
 
-def format_table(rows, size) -> str:
+def format_table(rows, size, device: torch.device) -> str:
     t_ref = rows[0][1]
-    lines = [f"completion of one {size[1]} x {size[0]} image, fp32, {torch.get_num_threads()} threads, "
-             f"device {'cuda' if torch.cuda.is_available() else 'cpu'}",
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    lines = [f"completion of one {size[1]} x {size[0]} image, fp32, on {where}",
              f"{'network':<58} {'s / image':>10} {'speed-up':>9} {'max |diff|':>11}"]
     for name, seconds, diff in rows:
         lines.append(f"{name:<58} {seconds:>10.3f} {t_ref / seconds:>8.2f}x {diff:>11.2e}")
     return "\n".join(lines)
 
 
-def run(weights=None, image_path=None, mask_path=None, repeats=3) -> str:
+def run(weights=None, image_path=None, mask_path=None, repeats=3, device=None, output=None) -> str:
+    """The table (and notes) ``glcic-fast bench`` prints. ``weights``: anything
+    glcic_fast.load reads; default the bundled demo checkpoint if there is one, else a
+    randomly initialised net (timings do not depend on the weights). ``output``: where to
+    write the example's completion (post-processed, as ``glcic-fast complete`` does);
+    written only with trained weights, since an untrained net's completion is noise."""
+    from .completion import complete_with
+    from .imageio import write_image
     from .weights import load
 
-    image = read_rgb(image_path or os.path.join(EXAMPLES, "astronaut.png"))
-    mask = read_mask(mask_path or os.path.join(EXAMPLES, "astronaut_mask.png"))
-    h, w = (s - s % 4 for s in image.shape[-2:])
-    image, mask = image[:, :h, :w], mask[:, :h, :w]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image_path = image_path or os.path.join(EXAMPLES, "astronaut.png")
+    mask_path = mask_path or os.path.join(EXAMPLES, "astronaut_mask.png")
+    if output is not None and any(os.path.exists(output) and os.path.samefile(output, p)
+                                  for p in (image_path, mask_path)):
+        raise ValueError(f"refusing to overwrite the input {output} with the completion")
+    image, mask = read_rgb(image_path), read_mask(mask_path)
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"mask {mask_path} is {mask.shape[-1]} x {mask.shape[-2]} but image {image_path} is "
+                         f"{image.shape[-1]} x {image.shape[-2]}")
+    weights = weights or (DEMO_WEIGHTS if os.path.exists(DEMO_WEIGHTS) else None)
     if weights:
-        net = load(weights)
-        note = f"weights: {net.weights_source}"
+        net = load(weights).to(device)
+        notes = [f"weights: {net.weights_source}"]
     else:
         torch.manual_seed(0)
-        net = CompletionNet()
-        note = "weights: random initialisation (no trained checkpoint is bundled yet); timings do not depend on it"
-    return format_table(compare(net, image, mask, repeats), image.shape[-2:]) + "\n" + note
+        net = CompletionNet().to(device)
+        notes = ["weights: random initialisation (no trained checkpoint is bundled yet); timings do not depend on it"]
+    h, w = (s - s % 4 for s in image.shape[-2:])  # the timed forward takes the net's own sizes
+    table = format_table(compare(net, image[:, :h, :w], mask[:, :h, :w], repeats), (h, w), device)
+    if output is not None:
+        if weights:
+            completed = complete_with(net, image.to(device), mask.to(device), postprocess=True)
+            write_image(output, completed.cpu())
+            notes.append(f"completed {os.path.basename(image_path)} -> {output}")
+        else:
+            notes.append(f"{output} not written: a randomly initialised net's completion is noise "
+                         "(give --weights, or bundle the demo checkpoint: scripts/train_demo.sh)")
+    return "\n".join([table] + notes)

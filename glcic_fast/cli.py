@@ -35,7 +35,17 @@ class UsageError(Exception):
 def _bench(args):
     from .bench import run
 
-    print(run(weights=args.weights, image_path=args.image, mask_path=args.mask, repeats=args.repeats))
+    from .weights import WeightsError
+
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.output:
+        _check_writable_extension(args.output)
+    try:
+        print(run(weights=args.weights, image_path=args.image, mask_path=args.mask, repeats=args.repeats,
+                  device=_device(args, 1, 0), output=args.output))
+    except (WeightsError, OSError, ValueError) as exc:
+        raise UsageError(str(exc))
     return 0
 
 
@@ -326,10 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glcic-fast", description="Fast, exact GLCIC image completion")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time the fast net against the reference on this machine")
-    bench.add_argument("--weights", help="weights to load (anything glcic_fast.load reads); default: random")
+    bench.add_argument("--weights", help="weights to load (anything glcic_fast.load reads); default: the bundled "
+                       "demo checkpoint if there is one, else a random initialisation")
     bench.add_argument("--image", help="image to complete (default: the bundled examples/astronaut.png)")
     bench.add_argument("--mask", help="mask image, white = fill (default: the bundled example's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per network (median is shown)")
+    bench.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    bench.add_argument("-o", "--output", metavar="OUT",
+                       help="also write the completed image here (replaced if it exists; trained weights only)")
     bench.set_defaults(func=_bench)
 
     comp = sub.add_parser(

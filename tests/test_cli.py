@@ -321,3 +321,27 @@ def test_folder_postprocess_keeps_alpha(folder, weights):
     assert np.array_equal(raw_out[..., 3], raw_in[..., 3])
     hole = read_mask(folder / "masks" / "cat.png")[0].numpy() > 0.5
     assert np.array_equal(raw_out[~hole], raw_in[~hole]) and not np.array_equal(raw_out[hole], raw_in[hole])
+
+
+def test_bench_times_and_writes_the_completion_only_with_trained_weights(folder, weights, net, capsys, monkeypatch):
+    from glcic_fast import bench
+
+    image, mask = folder / "images" / "cat.png", folder / "masks" / "cat.png"
+    out = folder / "bench.png"
+    monkeypatch.setattr(bench, "DEMO_WEIGHTS", str(folder / "no_demo.safetensors"))  # none bundled
+    assert run("bench", "--image", image, "--mask", mask, "--repeats", "1", "-o", out) == 0
+    printed = capsys.readouterr().out
+    assert "reference (eager" in printed and "glcic_fast (" in printed and "random initialisation" in printed
+    assert "not written" in printed and not out.exists()
+
+    monkeypatch.setattr(bench, "DEMO_WEIGHTS", weights)  # a bundled checkpoint is the default
+    assert run("bench", "--image", image, "--mask", mask, "--repeats", "1", "-o", out) == 0
+    printed = capsys.readouterr().out
+    assert "random initialisation" not in printed and f"-> {out}" in printed
+    want = complete_with(net, read_image(image), read_mask(mask), postprocess=True)
+    assert (read_image(out) - want).abs().max().item() <= _EIGHT_BIT_TOLERANCE
+
+    assert run("bench", "--image", image, "--mask", mask, "--repeats", "1", "-o", image) == 2
+    assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert run("bench", "--image", image, "--mask", folder / "masks" / "missing.png", "--repeats", "1") == 2
+    assert "could not read a mask" in capsys.readouterr().err
