@@ -12,6 +12,10 @@
 #   bench-net     whole-network inference, every backend (benchmarks/bench_net.py)
 #   bench-layers  each layer per backend, masked MSE (bench_conv_layers.py, bench_masked_mse.py)
 #   bench-other   ROI, folder throughput, training step (bench_roi.py, bench_train.py)
+# A GPU machine without a package index lacks torchfile (sdist-only on PyPI): build its
+# wheel where pip works (`pip wheel --no-deps torchfile -w .whl`), carry .whl along, and
+# there `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` with
+# PYTHONPATH=/tmp/site before this script.
 # RESULTS_DIR defaults to benchmarks/results/<date>-<gpu>. PYTHON names the interpreter that
 # has torch (default python3; after scripts/setup.sh use PYTHON=.venv/bin/python).
 # Afterwards commit the folder; RESULTS_DIR/table.md is the README's table and
