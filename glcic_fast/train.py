@@ -43,19 +43,16 @@ kernels are deterministic (on the CPU; on CUDA with ``deterministic=True``).
 """
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import re
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,29 +61,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, IMAGES_FILE, RUN_FILES, TMP_NAME,
+                          WEIGHTS_FILE, atomic_write, capture_rng, checkpoint_path, latest_checkpoint,
+                          list_checkpoints, load_checkpoint, restore_rng, save_checkpoint, write_json)
 from .data import (Augmentation, ImageFolder, StepBatchSampler, compute_mean_pixel, crop_squares, files_digest,
                    hole_mask, list_images, stream_position, worker_init)
 from .discriminator import PAPER_CHANNELS, ContextDiscriminator
+from .distributed import broadcast_object, convert_sync_batchnorm, is_distributed, rank_and_world
 from .model import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
+from .run_log import RunLog
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "glcic_fast-train"
-CHECKPOINT_VERSION = 1
 PHASES = ("completion", "discriminator", "joint")
 ADVERSARIAL_LOSSES = ("non_saturating", "minimax")
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9,})\.pt$")
-_TMP_PREFIX = ".glcic_fast-tmp-"
-#: Temporary files of an interrupted atomic write (ours and weights.save's): ".glcic_fast-*.tmp".
-_TMP_NAME = re.compile(r"^\.glcic_fast-.*\.tmp$")
-CONFIG_FILE = "config.json"
-IMAGES_FILE = "images.txt"
-LOSSES_FILE = "losses.csv"
-WEIGHTS_FILE = "completionnet.safetensors"
-TENSORBOARD_DIR = "tensorboard"
-#: Files and folders a run creates in its folder; anything else there is the user's.
-RUN_FILES = (CONFIG_FILE, IMAGES_FILE, LOSSES_FILE, WEIGHTS_FILE, TENSORBOARD_DIR)
 
 
 class TrainingError(RuntimeError):
@@ -188,83 +176,6 @@ RUN_DEFINING = ("batch_size", "image_size", "local_size", "hole_range", "scale_r
                 "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "disc_channels", "seed", "precision")
 
 
-# -- distributed ------------------------------------------------------------------------------
-
-def _world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _distributed() -> bool:
-    return _world()[1] > 1
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable sum over processes: the gradient of a sum is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(tensor)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlooSyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics are those of the global batch over all
-    processes, for CPU tensors (torch.nn.SyncBatchNorm takes GPU tensors only). Same
-    parameters, buffers and state-dict keys as BatchNorm2d; without a process group of
-    more than one process it *is* BatchNorm2d. Gradients flow through the all-reduces
-    (``_AllReduceSum``), as through SyncBatchNorm's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not _distributed():
-            return super().forward(x)
-        all_reduce = _AllReduceSum.apply
-        self._check_input_dim(x)
-        dims = (0, 2, 3)
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dims), count]))
-        total = stats[-1]
-        mean = stats[:-1] / total
-        centered = xf - mean.view(1, -1, 1, 1)
-        var = all_reduce(centered.square().sum(dims)) / total
-        y = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                unbiased = var * (total / (total - 1).clamp_min(1))
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-        return y.to(x.dtype)
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm2d of ``module`` synchronised over the process group (in place)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            sync = GlooSyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats)
-            sync.load_state_dict(child.state_dict())
-            sync.train(child.training)
-            setattr(module, name, sync)
-        else:
-            convert_sync_batchnorm(child, device)
-    return module
-
-
 @contextlib.contextmanager
 def frozen(module: nn.Module):
     """``module`` runs as in training (batch statistics) but changes nothing: no parameter
@@ -304,7 +215,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, mean_pixel: Sequence[float], device=None):
         self.config = cfg = config
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = rank_and_world()
         self.device = torch.device(device or _default_device(cfg))
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda"
                                          and cfg.precision == "float32")
@@ -472,7 +383,7 @@ def _to_cpu(state: dict) -> dict:
 def _default_device(cfg: TrainConfig) -> str:
     if cfg.device:
         dev = torch.device(cfg.device)
-        if dev.type == "cuda" and dev.index is None and _distributed():
+        if dev.type == "cuda" and dev.index is None and is_distributed():
             return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         return str(dev)
     if torch.cuda.is_available():
@@ -480,196 +391,7 @@ def _default_device(cfg: TrainConfig) -> str:
     return "cpu"
 
 
-# -- random states -------------------------------------------------------------------------------
-
-def capture_rng(device: torch.device) -> dict:
-    """This process's random states, in types ``torch.load(weights_only=True)`` reads."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: dict, device: torch.device):
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# -- files ------------------------------------------------------------------------------------------
-
-def _fsync_dir(directory: str):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write, mode: str = "wb"):
-    """Write ``path`` through ``write(file)`` into a temporary file in the same folder,
-    fsync it, then ``os.replace`` it over ``path``: readers (and a crash) see the old
-    file or the complete new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, f"checkpoint-{step:09d}.pt")
-
-
-def list_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
-    """(step, path) of the run's checkpoints, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
-             if (m := _CHECKPOINT_RE.match(name))]
-    return sorted(found)
-
-
-def save_checkpoint(state: dict, run_dir: str, keep: int) -> str:
-    """Write ``state`` as checkpoint-<step>.pt atomically, then delete all but the newest
-    ``keep`` checkpoints (only files named checkpoint-<step>.pt)."""
-    path = checkpoint_path(run_dir, state["step"])
-    atomic_write(path, lambda f: torch.save(state, f))
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(old)
-    return path
-
-
-def load_checkpoint(path: str) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} is not a glcic_fast training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise TrainingError(f"{path} is checkpoint version {state.get('version')}; this glcic_fast reads "
-                            f"version {CHECKPOINT_VERSION}")
-    return state
-
-
-def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, dict]]:
-    """The newest checkpoint that loads; unreadable newer ones are reported and skipped."""
-    for _, path in reversed(list_checkpoints(run_dir)):
-        try:
-            return path, load_checkpoint(path)
-        except Exception as exc:  # a damaged file must not end a days-long run
-            log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(exc).__name__, exc)
-    return None
-
-
-def _write_json(path: str, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
-
-
-# -- logging ----------------------------------------------------------------------------------------
-
-_CSV_FIELDS = ("step", "phase", "mse", "d_loss", "adv_loss", "d_real", "d_fake", "sec_per_step",
-               "images_per_sec", "wall_time")
-
-
-class _RunLog:
-    """Rank 0's outputs: losses.csv, TensorBoard scalars and image grids, the tqdm bar."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: str, step: int, enabled: bool):
-        self.enabled, self.writer, self.bar = enabled, None, None
-        if not enabled:
-            return
-        self.csv_path = os.path.join(run_dir, LOSSES_FILE)
-        kept = []
-        if os.path.exists(self.csv_path):  # drop rows after the checkpoint we resume from
-            with open(self.csv_path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if row.get("step", "").isdigit() and int(row["step"]) <= step]
-
-        def write(f):
-            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-            w.writeheader()
-            w.writerows({k: row.get(k, "") for k in _CSV_FIELDS} for row in kept)
-        atomic_write(self.csv_path, write, mode="w")
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                log.warning("TensorBoard logging is off (%s); pip install 'glcic_fast[train]' or tensorboard", exc)
-            else:
-                self.writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=step or None)
-        if cfg.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
-
-    def scalars(self, step: int, phase: str, values: Dict[str, float]):
-        if not self.enabled:
-            return
-        row = {"step": step, "phase": phase, "wall_time": f"{time.time():.3f}"}
-        row.update({k: f"{v:.6g}" for k, v in values.items()})
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=_CSV_FIELDS).writerow({k: row.get(k, "") for k in _CSV_FIELDS})
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(f"{'loss' if 'loss' in k or k == 'mse' else 'train'}/{k}", v, step)
-        if self.bar is not None:
-            shown = {k: f"{values[k]:.4g}" for k in ("mse", "d_loss", "adv_loss") if k in values}
-            self.bar.set_postfix(phase=phase, **shown, refresh=False)
-
-    def image(self, step: int, grid: Optional[torch.Tensor]):
-        if self.enabled and self.writer is not None and grid is not None:
-            self.writer.add_image("samples/input_completion_truth", grid, step)
-
-    def advance(self, n: int = 1):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def write(self, message: str):
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            log.info(message)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
 # -- the run ----------------------------------------------------------------------------------------
-
-def _broadcast(obj, src: int = 0):
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
 
 def _check_resume_config(saved: dict, cfg: TrainConfig, done: int):
     problems = []
@@ -711,7 +433,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool):
     if entries:
         if list_checkpoints(run_dir):
             raise TrainingError(f"no checkpoint in {run_dir} could be read")
-        if not all(e in RUN_FILES or _TMP_NAME.match(e) for e in entries):
+        if not all(e in RUN_FILES or TMP_NAME.match(e) for e in entries):
             raise TrainingError(f"{run_dir} is not empty and holds no glcic_fast run; choose a new --out")
         # Only this run's own files: it stopped before its first checkpoint (while computing
         # the mean pixel, say). Start it again, keeping its image list and settings.
@@ -742,7 +464,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool) -> dict:
-    rank, world = _world()
+    rank, world = rank_and_world()
     if cfg.batch_size % world:
         raise TrainingError(f"the global batch {cfg.batch_size} must be a multiple of the {world} processes")
     device = torch.device(_default_device(cfg))
@@ -766,7 +488,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             decision = ("ok", ckpt_path, saved_cfg)
         except TrainingError as exc:
             decision = ("error", str(exc), None)
-    decision = _broadcast(decision)
+    decision = broadcast_object(decision)
     if decision[0] == "error":
         raise TrainingError(decision[1])
     _, ckpt_path, saved_cfg = decision
@@ -780,13 +502,13 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         for name in os.listdir(run_dir):  # temporary files of a save that was killed
-            if _TMP_NAME.match(name):
+            if TMP_NAME.match(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(run_dir, name))
         if not os.path.exists(images_path):
             files = list_images(cfg.data)
             atomic_write(images_path, lambda f: f.write("".join(n + "\n" for n in files)), mode="w")
-    if _distributed():
+    if is_distributed():
         dist.barrier()
     with open(images_path) as f:
         files = [line.rstrip("\n") for line in f if line.strip()]
@@ -805,7 +527,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         mean = list(cfg.mean_pixel)
     else:
         def reduce(t):
-            if _distributed():
+            if is_distributed():
                 moved = t.to(device)
                 dist.all_reduce(moved)
                 t.copy_(moved.cpu())
@@ -815,7 +537,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         raise TrainingError(f"the run's mean pixel is {mean}, asked for {list(cfg.mean_pixel)}")
     record = dict(cfg.to_dict(), mean_pixel=list(mean))
     if rank == 0 and state is None:
-        _write_json(os.path.join(run_dir, CONFIG_FILE),
+        write_json(os.path.join(run_dir, CONFIG_FILE),
                     {"config": record, "mean_pixel": list(mean), "mpv": list(mean), "num_images": len(files),
                      "files_digest": digest, "world_size": world,
                      "completion_net": {"bn_after_relu": cfg.bn_after_relu,
@@ -838,7 +560,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
                         len(rngs), world)
 
     start, total = trainer.step, cfg.total_steps
-    out = _RunLog(cfg, run_dir, start, enabled=rank == 0)
+    out = RunLog(cfg, run_dir, start, enabled=rank == 0)
     if state is not None:
         out.write(f"resumed from {ckpt_path} at step {start} ({cfg.phase(start) if start < total else 'done'})")
 
@@ -863,7 +585,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
 
     def checkpoint():
         rngs = [capture_rng(device)]
-        if _distributed():
+        if is_distributed():
             gathered = [None] * world
             dist.all_gather_object(gathered, rngs[0])
             rngs = gathered
@@ -880,7 +602,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             save_weights(trainer.completion, os.path.join(run_dir, WEIGHTS_FILE))
         else:
             path = checkpoint_path(run_dir, trainer.step)
-        if _distributed():
+        if is_distributed():
             dist.barrier()
         return path
 
@@ -898,7 +620,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             if at_log:
                 keys = sorted(sums)
                 values = torch.stack([sums[k] for k in keys]) / count
-                if _distributed():
+                if is_distributed():
                     dist.all_reduce(values)
                     values /= world
                 values = dict(zip(keys, values.tolist()))
@@ -913,11 +635,11 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             if step % cfg.image_every == 0 and rank == 0:
                 out.image(step, trainer.sample_grid())
             interrupted = stop["signal"] is not None
-            if _distributed() and (at_log or step == total):  # agree on stopping (a collective, so not every step)
+            if is_distributed() and (at_log or step == total):  # agree on stopping (a collective, so not every step)
                 flag = torch.tensor([1.0 if interrupted else 0.0], device=device if device.type == "cuda" else "cpu")
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 interrupted = bool(flag.item())
-            elif _distributed():
+            elif is_distributed():
                 interrupted = False
             if step % cfg.checkpoint_every == 0 or step == total or interrupted:
                 last_path = checkpoint()

@@ -81,7 +81,8 @@ def config_from_args(args):
     import json
     import os
 
-    from .train import CONFIG_FILE, TrainConfig, latest_checkpoint
+    from .checkpoints import CONFIG_FILE, latest_checkpoint
+    from .train import TrainConfig
 
     given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     base = {}

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from glcic_fast import load
+from glcic_fast.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from glcic_fast.cli import build_parser
 from glcic_fast.data import (Augmentation, ImageFolder, StepBatchSampler, compute_mean_pixel, crop_squares,
                              epoch_permutation, hole_mask, list_images)
 from glcic_fast.discriminator import ContextDiscriminator, default_conv_count, load_discriminator
-from glcic_fast.train import (Trainer, TrainConfig, TrainingError, frozen, latest_checkpoint, list_checkpoints,
-                              load_checkpoint, save_checkpoint, train)
+from glcic_fast.train import Trainer, TrainConfig, TrainingError, frozen, train
 from glcic_fast.train_cli import config_from_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
