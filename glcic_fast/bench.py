@@ -38,10 +38,11 @@ def _median_seconds(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats: int = 3):
-    """Rows of (what, seconds per image, max |difference| to the reference) for one
-    completion of ``image`` / ``mask`` (3 x H x W, 1 x H x W; H, W multiples of 4), on
-    the net's device."""
+def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats: int = 3,
+            dtype: torch.dtype = torch.float32):
+    """Rows of (what, seconds per image, max |difference| to the float32 reference) for
+    one completion of ``image`` / ``mask`` (3 x H x W, 1 x H x W; H, W multiples of 4),
+    both networks in ``dtype`` on the net's device."""
     device = next(net.parameters()).device
     reference = ReferenceCompletionNet(net.bn_after_relu).to(device)
     reference.load_state_dict(net.state_dict())
@@ -51,31 +52,35 @@ def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats
     hole = (mask > 0.5).to(image.dtype)[None]
     x = net.prepare_input(image[None], hole)
     with torch.inference_mode():
-        want = reference(x)
-        got = net(x)
-        t_ref = _median_seconds(lambda: reference(x), repeats)
-        t_fast = _median_seconds(lambda: net(x), repeats)
-    diff = (got - want).abs().max().item()
-    return [("reference (eager, NCHW, conv + BN + ReLU)", t_ref, 0.0),
-            (f"glcic_fast ({net.backend or 'auto'} backend, BN folded, fused ops)", t_fast, diff)]
+        truth = reference(x).float()
+        reference, net, x = reference.to(dtype), net.to(dtype), x.to(dtype)
+        rows = []
+        for name, model in (("reference (eager, NCHW, conv + BN + ReLU)", reference),
+                            (f"glcic_fast ({net.backend or 'auto'} backend, BN folded, fused ops)", net)):
+            diff = (model(x).float() - truth).abs().max().item()
+            rows.append((name, _median_seconds(lambda: model(x), repeats), diff))
+    return rows
 
 
-def format_table(rows, size, device: torch.device) -> str:
+def format_table(rows, size, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     t_ref = rows[0][1]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    lines = [f"completion of one {size[1]} x {size[0]} image, fp32, on {where}",
+    lines = [f"completion of one {size[1]} x {size[0]} image, {str(dtype).split('.')[-1]}, on {where}; "
+             "max |diff| is to the float32 reference",
              f"{'network':<58} {'s / image':>10} {'speed-up':>9} {'max |diff|':>11}"]
     for name, seconds, diff in rows:
         lines.append(f"{name:<58} {seconds:>10.3f} {t_ref / seconds:>8.2f}x {diff:>11.2e}")
     return "\n".join(lines)
 
 
-def run(weights=None, image_path=None, mask_path=None, repeats=3, device=None, output=None) -> str:
+def run(weights=None, image_path=None, mask_path=None, repeats=3, device=None, output=None,
+        dtype=torch.float32) -> str:
     """The table (and notes) ``glcic-fast bench`` prints. ``weights``: anything
     glcic_fast.load reads; default the bundled demo checkpoint if there is one, else a
     randomly initialised net (timings do not depend on the weights). ``output``: where to
     write the example's completion (post-processed, as ``glcic-fast complete`` does);
-    written only with trained weights, since an untrained net's completion is noise."""
+    written only with trained weights, since an untrained net's completion is noise.
+    ``dtype``: the networks' precision (float16 / bfloat16 are for GPUs)."""
     from .completion import complete_with
     from .imageio import write_image
     from .weights import load
@@ -99,10 +104,10 @@ def run(weights=None, image_path=None, mask_path=None, repeats=3, device=None, o
         net = CompletionNet().to(device)
         notes = ["weights: random initialisation (no trained checkpoint is bundled yet); timings do not depend on it"]
     h, w = (s - s % 4 for s in image.shape[-2:])  # the timed forward takes the net's own sizes
-    table = format_table(compare(net, image[:, :h, :w], mask[:, :h, :w], repeats), (h, w), device)
+    table = format_table(compare(net, image[:, :h, :w], mask[:, :h, :w], repeats, dtype), (h, w), device, dtype)
     if output is not None:
         if weights:
-            completed = complete_with(net, image.to(device), mask.to(device), postprocess=True)
+            completed = complete_with(net, image.to(device, dtype), mask.to(device, dtype), postprocess=True)
             write_image(output, completed.cpu())
             notes.append(f"completed {os.path.basename(image_path)} -> {output}")
         else:

@@ -35,6 +35,8 @@ class UsageError(Exception):
 def _bench(args):
     from .bench import run
 
+    import torch
+
     from .weights import WeightsError
 
     if args.repeats < 1:
@@ -43,7 +45,7 @@ def _bench(args):
         _check_writable_extension(args.output)
     try:
         print(run(weights=args.weights, image_path=args.image, mask_path=args.mask, repeats=args.repeats,
-                  device=_device(args, 1, 0), output=args.output))
+                  device=_device(args, 1, 0), output=args.output, dtype=getattr(torch, args.dtype)))
     except (WeightsError, OSError, ValueError) as exc:
         raise UsageError(str(exc))
     return 0
@@ -342,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mask", help="mask image, white = fill (default: the bundled example's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per network (median is shown)")
     bench.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="both networks' precision (default float32; half precision is for GPUs)")
     bench.add_argument("-o", "--output", metavar="OUT",
                        help="also write the completed image here (replaced if it exists; trained weights only)")
     bench.set_defaults(func=_bench)

@@ -343,5 +343,14 @@ def test_bench_times_and_writes_the_completion_only_with_trained_weights(folder,
 
     assert run("bench", "--image", image, "--mask", mask, "--repeats", "1", "-o", image) == 2
     assert "refusing to overwrite the input" in capsys.readouterr().err
+    # Half precision (a small crop: bf16 convolutions are slow on CPUs without native support).
+    cv2.imwrite(str(folder / "small.png"), cv2.imread(str(image))[:16, :20])
+    cv2.imwrite(str(folder / "small_mask.png"), cv2.imread(str(mask))[:16, :20])
+    assert run("bench", "--image", folder / "small.png", "--mask", folder / "small_mask.png", "--repeats", "1",
+               "--dtype", "bfloat16") == 0
+    printed = capsys.readouterr().out
+    assert "bfloat16" in printed
+    diffs = [float(line.split()[-1]) for line in printed.splitlines() if line.startswith(("reference", "glcic_fast"))]
+    assert len(diffs) == 2 and all(0 < d < 0.05 for d in diffs)  # bf16 rounding, measured against fp32
     assert run("bench", "--image", image, "--mask", folder / "masks" / "missing.png", "--repeats", "1") == 2
     assert "could not read a mask" in capsys.readouterr().err
