@@ -337,7 +337,11 @@ def _launch(x, packed, bias, post_scale, post_shift, out, *, c_out, taps_h, taps
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), phases)
 
-    wrap = getattr(torch.library, "wrap_triton", None)
+    # wrap_triton makes the launch traceable inside the triton_op (see _define). Not under the
+    # interpreter: there the op is an opaque custom_op, and older torch (2.11; 2.14 returns
+    # such a kernel unwrapped) wraps an autotuner over an InterpretedFunction too, whose
+    # launch then fails in torch's wrapper (AttributeError: 'function' object has no attribute 'fn').
+    wrap = None if _INTERPRET else getattr(torch.library, "wrap_triton", None)
     kernel = wrap(_conv_gemm_kernel) if wrap is not None else _conv_gemm_kernel
     # Triton launches on the current CUDA device, whatever device the tensors are on.
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
