@@ -57,11 +57,16 @@ def _masked_mse_finish_kernel(partial_loss_ptr, partial_weight_ptr, num_partials
                               MEAN: tl.constexpr, BLOCK: tl.constexpr):
     loss_acc = tl.zeros([BLOCK], dtype=tl.float32)
     weight_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for first in range(0, num_partials, BLOCK):
+    # A while loop, not range(0, num_partials, BLOCK): Triton 3.6's interpreter turns a
+    # runtime range bound into a Python int with int() of a 1-element array, which NumPy >= 2.4
+    # refuses (TypeError: only 0-dimensional arrays can be converted to Python scalars).
+    first = num_partials * 0
+    while first < num_partials:
         offsets = first + tl.arange(0, BLOCK)
         in_range = offsets < num_partials
         loss_acc += tl.load(partial_loss_ptr + offsets, mask=in_range, other=0.0)
         weight_acc += tl.load(partial_weight_ptr + offsets, mask=in_range, other=0.0)
+        first += BLOCK
     loss = tl.sum(loss_acc, axis=0)
     weight = tl.sum(weight_acc, axis=0)
     if MEAN:

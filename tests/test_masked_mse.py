@@ -214,6 +214,35 @@ def test_two_calls_are_bit_identical(device, backend, channels_last):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+@pytest.mark.parametrize("num_partials", [1, 5, 1025, 3000])
+@pytest.mark.parametrize("mean", [False, True], ids=["sum", "mean"])
+def test_triton_finish_kernel_adds_every_partial(device, num_partials, mean):
+    """The second Triton kernel loops over the partial sums a block at a time: past one block
+    (1024) only for inputs of over 4M elements on a GPU, 67M under the interpreter, so it is
+    checked directly here. An all-zero weight sum gives 0, not NaN, for "mean"."""
+    km = pytest.importorskip("glcic_fast.kernels.masked_mse")
+    if device == "cpu" and not km._INTERPRET:
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(num_partials)
+    partial_loss = torch.rand(num_partials, generator=g).to(device)
+    for weights in (torch.rand(num_partials, generator=g) * 3, torch.zeros(num_partials)):
+        partial_weight = weights.to(device)
+        loss = torch.full((), float("nan"), device=device)
+        grad_scale = torch.full((), float("nan"), device=device)
+        km._masked_mse_finish_kernel[(1,)](partial_loss, partial_weight, num_partials, loss, grad_scale,
+                                           MEAN=mean, BLOCK=km._FINISH_BLOCK, num_warps=4)
+        loss_sum, weight_sum = partial_loss.double().sum().item(), partial_weight.double().sum().item()
+        if not mean:
+            expected = (loss_sum, 1.0)
+        elif weight_sum == 0:
+            expected = (0.0, 0.0)
+        else:
+            expected = (loss_sum / weight_sum, 1.0 / weight_sum)
+        assert loss.item() == pytest.approx(expected[0], rel=1e-5)
+        assert grad_scale.item() == pytest.approx(expected[1], rel=1e-5)
+
+
 def _offset_by_one_element(t):
     """t's values, in t's layout, in a tensor whose data starts one element past an aligned address."""
     channels_last = not t.is_contiguous()
