@@ -21,6 +21,12 @@ def _file(tmp_path, rgb_hwc, suffix):
     return path
 
 
+#: Gray, RGB and RGBA files with 8-bit, 16-bit and float samples.
+EVERY_FILE_KIND = pytest.mark.parametrize("channels, dtype, scale, suffix", [
+    (c, *depth) for c in (1, 3, 4)
+    for depth in ((np.uint8, 255, ".png"), (np.uint16, 65535, ".png"), (np.float32, 1.0, ".tiff"))])
+
+
 def _photo_array(channels, dtype, scale):
     rgb = photo("astronaut", 32, 40).permute(1, 2, 0).numpy()
     if channels == 1:
@@ -31,9 +37,7 @@ def _photo_array(channels, dtype, scale):
     return (rgb * scale).astype(dtype)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4])
-@pytest.mark.parametrize("dtype, scale, suffix", [(np.uint8, 255, ".png"), (np.uint16, 65535, ".png"),
-                                                  (np.float32, 1.0, ".tiff")])
+@EVERY_FILE_KIND
 def test_read_keeps_channels_and_depth(tmp_path, channels, dtype, scale, suffix):
     data = _photo_array(channels, dtype, scale)
     path = _file(tmp_path, data, suffix)
@@ -47,9 +51,7 @@ def test_read_keeps_channels_and_depth(tmp_path, channels, dtype, scale, suffix)
     assert torch.equal(rgb, want.expand(3, -1, -1) if channels == 1 else want[:3])
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4])
-@pytest.mark.parametrize("dtype, scale, suffix", [(np.uint8, 255, ".png"), (np.uint16, 65535, ".png"),
-                                                  (np.float32, 1.0, ".tiff")])
+@EVERY_FILE_KIND
 def test_write_round_trips_the_file(tmp_path, channels, dtype, scale, suffix):
     data = _photo_array(channels, dtype, scale)
     path = _file(tmp_path, data, suffix)
