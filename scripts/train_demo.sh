@@ -7,9 +7,9 @@
 #
 #   bash scripts/train_demo.sh [RUN_DIR]        (default runs/demo)
 #
-# Schedule: the paper's phases and sizes (256 x 256 crops, 128 x 128 local patches, holes
-# of 96-128 px, ADADELTA, alpha 0.0004) with a batch of DEMO_BATCH (32) and
-# DEMO_STEPS="TC TD TJ" (6000 600 2400) steps. Ten photos are far too few for a general
+# Schedule: the paper's phases and sizes (DEMO_SIZE 256 x 256 crops, DEMO_LOCAL 128 x 128
+# local patches, DEMO_HOLES "96 128" px, ADADELTA, alpha 0.0004) with a batch of DEMO_BATCH
+# (32) and DEMO_STEPS="TC TD TJ" (6000 600 2400) steps. Ten photos are far too few for a general
 # model: the demo shows the pipeline working end to end (losses falling, a checkpoint that
 # glcic_fast.load reads, a completion), not a replacement for the authors' Places2 weights.
 #
@@ -24,8 +24,8 @@
 # inside holes on the held-out photos, against OpenCV Telea), examples/object_removal.png.
 #
 # PYTHON names the interpreter with glcic_fast installed (default .venv/bin/python).
-# DEMO_DEVICE (cuda) and DEMO_EXAMPLES (examples) exist for a smoke test of this script on
-# the CPU with a few steps, writing elsewhere:
+# DEMO_DEVICE (cuda), DEMO_WORKERS (8 data-loader processes) and DEMO_EXAMPLES (examples)
+# let it run on a CPU; for a smoke test of this script with a few steps, writing elsewhere:
 #   DEMO_DEVICE=cpu DEMO_STEPS="2 1 1" DEMO_BATCH=2 DEMO_EXAMPLES=/tmp/demo bash scripts/train_demo.sh /tmp/demo/run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,10 @@ read -r TC TD TJ <<< "${DEMO_STEPS:-6000 600 2400}"
 BATCH="${DEMO_BATCH:-32}"
 MINUTES="${DEMO_MINUTES:-8}"
 DEVICE="${DEMO_DEVICE:-cuda}"
+SIZE="${DEMO_SIZE:-256}"
+LOCAL="${DEMO_LOCAL:-128}"
+read -r HOLE_MIN HOLE_MAX <<< "${DEMO_HOLES:-96 128}"
+WORKERS="${DEMO_WORKERS:-8}"
 EXAMPLES="${DEMO_EXAMPLES:-examples}"
 mkdir -p "$EXAMPLES"
 
@@ -59,42 +63,49 @@ for name in names:
     image = getattr(skimage.data, name)()
     if image.ndim == 3:
         image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_RGB2BGR)
-    cv2.imwrite(path, image)  # the augmentation rescales the shorter side to 256-384 itself
+    cv2.imwrite(path, image)  # the augmentation rescales the shorter side itself
 print(f"{len(names)} photos in {out}")
 PYEOF
 
-start=$(date +%s)
 rc=0
 timeout -s TERM "${MINUTES}m" "$PY" -m glcic_fast.cli train "$DATA" --out "$RUN" --resume \
-  --phase-steps "$TC" "$TD" "$TJ" --batch-size "$BATCH" --image-size 256 --local-size 128 --hole-range 96 128 \
-  --device "$DEVICE" --checkpoint-every 500 --keep 2 --seed 0 --workers 8 --image-every 500 --no-progress || rc=$?
+  --phase-steps "$TC" "$TD" "$TJ" --batch-size "$BATCH" --image-size "$SIZE" --local-size "$LOCAL" \
+  --hole-range "$HOLE_MIN" "$HOLE_MAX" --device "$DEVICE" --checkpoint-every 100 --keep 2 --seed 0 \
+  --workers "$WORKERS" --image-every 500 --no-progress || rc=$?
 # 0: finished; 124 / 143: stopped by the time limit after writing a checkpoint.
 if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$rc" -ne 143 ]; then
   echo "training failed (exit $rc)" >&2
   exit "$rc"
 fi
-seconds=$(( $(date +%s) - start ))
 
-"$PY" - "$RUN" "$seconds" "$TC $TD $TJ" "$BATCH" "$DEVICE" "$EXAMPLES" <<'PYEOF'
+"$PY" - "$RUN" "$TC $TD $TJ" "$BATCH" "$DEVICE" "$EXAMPLES" "$SIZE" "$LOCAL" "$HOLE_MIN" "$HOLE_MAX" <<'PYEOF'
 import csv, os, platform, subprocess, sys
 import torch
 import glcic_fast
 from glcic_fast import quality
 
-run, seconds, planned, batch, device, examples = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
+run, planned, batch, device, examples = sys.argv[1:6]
+size, local, hole_min, hole_max = (int(v) for v in sys.argv[6:10])
 trained = glcic_fast.load(os.path.join(run, "completionnet.safetensors")).to(device).eval()
 bundled = os.path.join(examples, "demo_completionnet.safetensors")
 glcic_fast.save(glcic_fast.load(os.path.join(run, "completionnet.safetensors")).half(), bundled)
 net = glcic_fast.load(bundled).to(device).eval()  # what users get: the float16 file, run in float32
-photos = quality.held_out_photos(256)
-x = trained.prepare_input(photos["astronaut"][None].to(device), torch.zeros(1, 1, 256, 256, device=device))
+photos = quality.held_out_photos(size)  # at the training scale
+crop = photos["astronaut"][None, :, :size, :size].to(device)
+x = trained.prepare_input(crop, torch.zeros(1, 1, size, size, device=device))
 with torch.inference_mode():
-    half_diff = (net(x[..., :256, :256]) - trained(x[..., :256, :256])).abs().max().item()
+    half_diff = (net(x) - trained(x)).abs().max().item()
 
 with open(os.path.join(run, "losses.csv")) as f:
     rows = list(csv.DictReader(f))
 last = rows[-1] if rows else {}
-table = quality.markdown_table(quality.compare(net, photos, holes_per_photo=20, seed=0))
+# Training time over every (resumed) run: each logged row's seconds per step times its steps.
+previous, hours = 0, 0.0
+for row in rows:
+    hours += float(row["sec_per_step"]) * (int(row["step"]) - previous) / 3600
+    previous = int(row["step"])
+table = quality.markdown_table(quality.compare(net, photos, holes_per_photo=20, hole_range=(hole_min, hole_max),
+                                               seed=0))
 where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.machine()})"
 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 text = f"""# The demo checkpoint: `demo_completionnet.safetensors`
@@ -104,17 +115,18 @@ on {where}, torch {torch.__version__}.
 
 - Data: ten photos bundled with scikit-image (public domain or CC0): coffee, chelsea,
   rocket, hubble_deep_field, retina, immunohistochemistry, camera, brick, grass, gravel.
-- Schedule: phases Tc / Td / Tj planned {planned} steps, batch {batch}, 256 x 256 crops,
-  128 x 128 local patches, holes of 96-128 px; reached step {last.get('step', 0)}
-  (phase {last.get('phase', '-')}) in {seconds / 60:.1f} minutes of this run
+- Schedule: phases Tc / Td / Tj planned {planned} steps, batch {batch}, {size} x {size} crops,
+  {local} x {local} local patches, holes of {hole_min}-{hole_max} px; reached step {last.get('step', 0)}
+  (phase {last.get('phase', '-')}) in {hours:.2f} hours of training
   (last logged MSE {last.get('mse', '-')}).
 - Stored in float16 (loads as float32; largest output change from the float32 net on a
-  256 x 256 crop of the astronaut: {half_diff:.1e}). A demonstration of the pipeline, trained on far
+  {size} x {size} crop of the astronaut: {half_diff:.1e}). A demonstration of the pipeline, trained on far
   too few photos for general use: for real work load the authors' Places2 weights.
 
 Quality on photos it never saw (astronaut from scikit-image; china.jpg and flower.jpg from
-scikit-learn, CC BY 2.0), shorter side 256, 20 random holes of 96-128 px per photo, PSNR
-inside the holes (`python scripts/compare_with_telea.py --weights examples/demo_completionnet.safetensors`):
+scikit-learn, CC BY 2.0) at the training scale (shorter side {size}), 20 random holes of
+{hole_min}-{hole_max} px per photo, PSNR inside the holes
+(`python scripts/compare_with_telea.py --weights examples/demo_completionnet.safetensors --size {size} --hole-range {hole_min} {hole_max}`):
 
 {table}
 
