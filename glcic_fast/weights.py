@@ -14,7 +14,6 @@ Pickled files are read with ``torch.load(weights_only=True)``: a user's file nev
 import contextlib
 import json
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
@@ -287,7 +286,9 @@ def _load_canonical(net: CompletionNet, state: dict):
 def save(net: CompletionNet, path) -> None:
     """Write ``net`` in glcic_fast's format (safetensors + metadata), atomically: the file
     at ``path`` is replaced only once the new one is complete."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
+
+    from .checkpoints import atomic_write
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
@@ -297,13 +298,5 @@ def save(net: CompletionNet, path) -> None:
                 "bn_after_relu": "true" if net.bn_after_relu else "false",
                 "input_convention": net.input_convention,
                 "mean_pixel": json.dumps(net.mean_pixel.tolist())}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".glcic_fast-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = to_bytes(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))

@@ -155,11 +155,21 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors.torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         glcic_fast.save(randomize(CompletionNet(), seed=7), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["w.safetensors"], "no temporary file is left behind"
+
+
+def test_saved_weights_get_ordinary_file_permissions(tmp_path):
+    """Not the private 0600 of the temporary file they are written through."""
+    old = os.umask(0o027)
+    try:
+        glcic_fast.save(CompletionNet(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 def test_truncated_and_unknown_files(tmp_path):
