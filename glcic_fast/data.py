@@ -194,9 +194,17 @@ class ImageFolder(Dataset):
 
 
 def worker_init(_worker_id: int):
-    """Data-loader workers: one OpenCV thread each (the workers are the parallelism)."""
+    """Data-loader workers: one OpenCV thread each (the workers are the parallelism), and
+    deaf to SIGINT / SIGTERM. Ctrl-C, ``timeout`` and schedulers signal the whole process
+    group; a worker killed by it would crash the trainer (the DataLoader reports the dead
+    worker) before it could write its checkpoint. The trainer alone handles the signal and
+    then shuts its workers down."""
+    import signal
+
     import cv2
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 

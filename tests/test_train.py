@@ -598,6 +598,37 @@ def test_sigterm_saves_a_checkpoint_and_stops(photos, tmp_path, monkeypatch):
     assert [s for s, _ in list_checkpoints(str(run))] == [1, 3]
 
 
+def test_sigterm_to_the_process_group_checkpoints_with_loader_workers(photos, tmp_path):
+    """``timeout``, Ctrl-C and schedulers signal the whole process group, the data-loader
+    workers included: the trainer must still write its checkpoint and exit 128 + 15
+    rather than crash on a dead worker."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "glcic_fast.cli", "train", photos, "--out", out, *CLI_ARGS,
+           "--phase-steps", "1000", "0", "0", "--workers", "1", "--checkpoint-every", "1000", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.pop("WORLD_SIZE", None)
+    with open(out + ".log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        losses = os.path.join(out, "losses.csv")
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(losses) and sum(1 for _ in open(losses)) >= 3:  # header + 2 logged steps
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, _log_of(out)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert _wait(proc) == 128 + signal.SIGTERM, _log_of(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    steps = [s for s, _ in list_checkpoints(out)]
+    assert len(steps) == 1 and 2 <= steps[0] < 1000, (steps, _log_of(out))
+    assert "stopped by signal" in _log_of(out)
+
+
 def test_cli_options_reach_the_config(photos, tmp_path):
     out = str(tmp_path / "run")
     args = build_parser().parse_args(["train", photos, "--out", out, "--phase-steps", "5", "6", "7",
