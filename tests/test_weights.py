@@ -216,3 +216,17 @@ def test_pickled_code_is_never_run(tmp_path):
         pickle.dump({"conv1.weight": _Exploit()}, f)
     with pytest.raises(WeightsError, match="weights only"):
         glcic_fast.load(path)
+
+
+def test_the_bundled_demo_checkpoint_loads_and_completes():
+    from glcic_fast.bench import DEMO_WEIGHTS
+
+    if not os.path.exists(DEMO_WEIGHTS):
+        pytest.skip(f"no demo checkpoint bundled at {DEMO_WEIGHTS}")
+    net = glcic_fast.load(DEMO_WEIGHTS).eval()
+    assert next(net.parameters()).dtype == torch.float32  # stored in float16, loaded as float32
+    image = torch.rand(3, 40, 48)
+    mask = torch.zeros(1, 40, 48)
+    mask[:, 10:26, 12:30] = 1
+    out = net.complete(image, mask)
+    assert torch.isfinite(out).all() and torch.equal(out[:, :10], image[:, :10])
