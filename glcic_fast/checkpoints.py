@@ -1,4 +1,4 @@
-"""The run folder's files: checkpoints (atomic writes, rotation, loading), the names of the
+"""The run folder's files: checkpoints (written atomically, rotated, loaded), the names of the
 files a run keeps there, and each process's random states for an exact resume."""
 
 import contextlib
@@ -7,11 +7,12 @@ import logging
 import os
 import random
 import re
-import tempfile
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,6 @@ CHECKPOINT_FORMAT = "glcic_fast-train"
 CHECKPOINT_VERSION = 1
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9,})\.pt$")
-_TMP_PREFIX = ".glcic_fast-tmp-"
-#: Temporary files of an interrupted atomic write (ours and weights.save's): ".glcic_fast-*.tmp".
-TMP_NAME = re.compile(r"^\.glcic_fast-.*\.tmp$")
 CONFIG_FILE = "config.json"
 IMAGES_FILE = "images.txt"
 LOSSES_FILE = "losses.csv"
@@ -57,57 +55,7 @@ def restore_rng(state: dict, device: torch.device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# -- files ------------------------------------------------------------------------------------------
-
-def _fsync_dir(directory: str):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux says it (os.umask both
-    sets and returns, which would race with other threads creating files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write, mode: str = "wb"):
-    """Write ``path`` through ``write(file)`` into a temporary file in the same folder,
-    fsync it, then ``os.replace`` it over ``path``: readers (and a crash) see the old
-    file or the complete new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            # mkstemp makes the file private (0600); the result should have the permissions
-            # any new file gets (0666 less the umask), like the file it replaces would have.
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
+# -- checkpoints -------------------------------------------------------------------------------------
 
 def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"checkpoint-{step:09d}.pt")

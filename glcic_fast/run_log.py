@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 
-from .checkpoints import LOSSES_FILE, TENSORBOARD_DIR, atomic_write
+from .checkpoints import LOSSES_FILE, TENSORBOARD_DIR
+from .files import atomic_write
 
 if TYPE_CHECKING:  # train.py imports this module
     from .train import TrainConfig

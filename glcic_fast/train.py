@@ -61,13 +61,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, IMAGES_FILE, RUN_FILES, TMP_NAME,
-                          WEIGHTS_FILE, atomic_write, capture_rng, checkpoint_path, latest_checkpoint,
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, IMAGES_FILE, RUN_FILES,
+                          WEIGHTS_FILE, capture_rng, checkpoint_path, latest_checkpoint,
                           list_checkpoints, load_checkpoint, restore_rng, save_checkpoint, write_json)
 from .data import (Augmentation, ImageFolder, StepBatchSampler, compute_mean_pixel, crop_squares, files_digest,
                    hole_mask, list_images, stream_position, worker_init)
 from .discriminator import PAPER_CHANNELS, ContextDiscriminator
 from .distributed import broadcast_object, convert_sync_batchnorm, is_distributed, rank_and_world
+from .files import TMP_NAME, atomic_write
 from .model import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
 from .run_log import RunLog
 

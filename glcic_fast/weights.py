@@ -288,7 +288,7 @@ def save(net: CompletionNet, path) -> None:
     at ``path`` is replaced only once the new one is complete."""
     from safetensors.torch import save as to_bytes
 
-    from .checkpoints import atomic_write
+    from .files import atomic_write
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
