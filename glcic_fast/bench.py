@@ -7,6 +7,7 @@ layer one fused op. With trained weights (given, or the demo checkpoint bundled 
 ``examples/``) it can also write the completed example.
 """
 
+import copy
 import os
 import time
 
@@ -42,7 +43,7 @@ def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats
             dtype: torch.dtype = torch.float32):
     """Rows of (what, seconds per image, max |difference| to the float32 reference) for
     one completion of ``image`` / ``mask`` (3 x H x W, 1 x H x W; H, W multiples of 4),
-    both networks in ``dtype`` on the net's device."""
+    both networks in ``dtype`` on the net's device (``net`` itself is left as it is)."""
     device = next(net.parameters()).device
     reference = ReferenceCompletionNet(net.bn_after_relu).to(device)
     reference.load_state_dict(net.state_dict())
@@ -53,7 +54,9 @@ def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats
     x = net.prepare_input(image[None], hole)
     with torch.inference_mode():
         truth = reference(x).float()
-        reference, net, x = reference.to(dtype), net.to(dtype), x.to(dtype)
+        if dtype != next(net.parameters()).dtype:
+            net = copy.deepcopy(net).to(dtype)
+        reference, x = reference.to(dtype), x.to(dtype)
         rows = []
         for name, model in (("reference (eager, NCHW, conv + BN + ReLU)", reference),
                             (f"glcic_fast ({net.backend or 'auto'} backend, BN folded, fused ops)", net)):
@@ -107,6 +110,7 @@ def run(weights=None, image_path=None, mask_path=None, repeats=3, device=None, o
     table = format_table(compare(net, image[:, :h, :w], mask[:, :h, :w], repeats, dtype), (h, w), device, dtype)
     if output is not None:
         if weights:
+            net = net.to(dtype)
             completed = complete_with(net, image.to(device, dtype), mask.to(device, dtype), postprocess=True)
             write_image(output, completed.cpu())
             notes.append(f"completed {os.path.basename(image_path)} -> {output}")
