@@ -76,7 +76,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["glcic_fast", "glcic_fast.ops", "glcic_fast.kernels"],
+    packages=["glcic_fast", "glcic_fast.nn", "glcic_fast.ops", "glcic_fast.inference", "glcic_fast.training",
+              "glcic_fast.cli", "glcic_fast.kernels"],
     package_dir={"glcic_fast": "glcic_fast", "glcic_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

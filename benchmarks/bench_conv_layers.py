@@ -1,7 +1,7 @@
 """Per-layer speed of the completion net's fused convs: Triton kernels, the CUDA kernel and
 the torch backend.
 
-Every layer of the completion net (glcic_fast.architecture) on the activations a 1024x1024
+Every layer of the completion net (glcic_fast.nn.architecture) on the activations a 1024x1024
 input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/), backend
 "cuda" (glcic_fast._C's tensor-core kernel, only for the 3x3 256 -> 256 stride-1 layers: the
 others are skipped with the dispatcher's reason) and backend "torch" (cuDNN, channels_last
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from glcic_fast import ops
-from glcic_fast.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
 
 from conftest import provenance, synchronized
 from make_tuning_table import tuning_key

@@ -23,8 +23,8 @@ import torch
 
 from glcic_fast import CompletionNet, ops
 from glcic_fast.ops import dispatch
-from glcic_fast.architecture import completion_macs
-from glcic_fast.reference import ReferenceCompletionNet
+from glcic_fast.nn.architecture import completion_macs
+from glcic_fast.nn.reference import ReferenceCompletionNet
 
 from conftest import provenance, synchronized
 

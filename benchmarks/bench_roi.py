@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from glcic_fast import CompletionNet
-from glcic_fast.completion import complete_with
-from glcic_fast import roi
+from glcic_fast.inference.completion import complete_with
+from glcic_fast.inference import roi
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -108,7 +108,7 @@ FOLDER_SIZE, FOLDER_IMAGES = 1024, 64
 @pytest.fixture(scope="module")
 def folder_jobs(tmp_path_factory):
     """FOLDER_IMAGES PNGs of FOLDER_SIZE^2 with a 128 x 128 hole each, made once."""
-    from glcic_fast.batching import Job
+    from glcic_fast.inference.batching import Job
 
     path = tmp_path_factory.mktemp("folder")
     rng = np.random.default_rng(0)
@@ -132,8 +132,8 @@ def test_folder_throughput(benchmark, folder_jobs, dtype):
     """Files to files, as ``glcic-fast complete DIR`` runs: each call starts its decoding
     workers and captures its CUDA graph (one per batch shape) again; the warm-up call
     leaves only Triton's autotuning and the kernels' compilation out of the timed one."""
-    from glcic_fast.api import parse_dtype
-    from glcic_fast.batching import complete_files
+    from glcic_fast.inference.api import parse_dtype
+    from glcic_fast.inference.batching import complete_files
 
     jobs = folder_jobs
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ adversarial) and ADADELTA step.
 import pytest
 import torch
 
-from glcic_fast.model import PLACES2_MEAN_PIXEL
-from glcic_fast.train import Trainer, TrainConfig
+from glcic_fast.nn.completion_net import PLACES2_MEAN_PIXEL
+from glcic_fast.training.train import Trainer, TrainConfig
 
 from conftest import provenance, synchronized
 

@@ -50,7 +50,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0] + "/..")
-    from glcic_fast.architecture import completion_macs
+    from glcic_fast.nn.architecture import completion_macs
 
     series = defaultdict(list)
     for r in rows:

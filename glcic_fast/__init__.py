@@ -1,10 +1,11 @@
 """glcic_fast: fast, exact GLCIC image completion (Iizuka et al., SIGGRAPH 2017)."""
 
-from . import ops, reference
-from .architecture import COMPLETION_LAYERS
-from .api import complete
-from .model import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
-from .weights import WeightsError, load, save
+from glcic_fast import ops
+from glcic_fast.nn import reference
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.inference.api import complete
+from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
+from glcic_fast.nn.weights import WeightsError, load, save
 
 __version__ = "0.1.0"
 

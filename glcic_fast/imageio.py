@@ -2,7 +2,7 @@
 
 An image keeps what its file holds: gray stays one channel, RGBA keeps its alpha, and a
 16-bit or float file is written back with the same sample type where the output format
-can store it. The network itself always sees RGB (:func:`glcic_fast.completion.to_rgb`).
+can store it. The network itself always sees RGB (:func:`glcic_fast.inference.completion.to_rgb`).
 """
 
 import os

@@ -1,2 +1,2 @@
-from . import conv2d_bias_act  # noqa: F401  (registers the "triton" backend of the conv ops)
-from . import masked_mse  # noqa: F401  (registers the "triton" backend of masked_mse)
+from glcic_fast.kernels import conv2d_bias_act  # noqa: F401  (registers the "triton" backend of the conv ops)
+from glcic_fast.kernels import masked_mse  # noqa: F401  (registers the "triton" backend of masked_mse)

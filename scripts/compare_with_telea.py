@@ -4,9 +4,9 @@
     python scripts/compare_with_telea.py --weights runs/demo/completionnet.safetensors
 
 Prints a markdown table (also written to -o when given). The photos are
-glcic_fast.quality.held_out_photos() (astronaut, china, flower; scikit-learn needed), or
+glcic_fast.inference.quality.held_out_photos() (astronaut, china, flower; scikit-learn needed), or
 --photo FILE (repeatable). Holes: --holes per photo, sides drawn from --hole-range,
-seeded by --seed; see glcic_fast/quality.py for the scoring.
+seeded by --seed; see glcic_fast/inference/quality.py for the scoring.
 """
 
 import argparse
@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 def main(argv=None):
     import glcic_fast
-    from glcic_fast import quality
+    from glcic_fast.inference import quality
     from glcic_fast.imageio import read_image_array
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

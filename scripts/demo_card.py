@@ -26,8 +26,8 @@ def main(argv=None):
     import torch
 
     import glcic_fast
-    from glcic_fast import quality
-    from glcic_fast.checkpoints import CONFIG_FILE, LOSSES_FILE, WEIGHTS_FILE, latest_checkpoint
+    from glcic_fast.inference import quality
+    from glcic_fast.training.checkpoints import CONFIG_FILE, LOSSES_FILE, WEIGHTS_FILE, latest_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="the training run folder")

@@ -33,7 +33,7 @@ def _panel(rgb, title):
 
 def main(argv=None):
     import glcic_fast
-    from glcic_fast.batching import rect_mask
+    from glcic_fast.inference.batching import rect_mask
     from glcic_fast.imageio import read_image, read_mask
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

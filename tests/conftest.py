@@ -1,7 +1,14 @@
 """Fixtures shared by the test files (the Triton interpreter switch is in ../conftest.py)."""
 
+import os
+import sys
+
 import pytest
 import torch
+
+# The shared helpers (helpers.py, photos.py, t7_writer.py) sit here, above the test folders
+# that mirror the package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture

@@ -1,9 +1,15 @@
 """Test helpers: completion networks with random weights *and* random BN statistics
 (fresh BN layers are the identity, which would hide folding mistakes)."""
 
+import os
+
 import torch
 
-from glcic_fast.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
+
+
+#: The repository root (tests run from any folder).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glcic_fast.batching import decode_image
+from glcic_fast.inference.batching import decode_image
 from glcic_fast.imageio import file_sample_type, read_image, read_rgb, write_image
 
 from photos import photo

@@ -1,6 +1,6 @@
 """Compile the project's Triton kernels ahead of time for Hopper (sm_90), with no GPU.
 
-Run by tests/test_triton_compiles_for_hopper.py in a subprocess (Triton must be imported
+Run by tests/kernels/test_triton_compiles_for_hopper.py in a subprocess (Triton must be imported
 here without TRITON_INTERPRET, which the test process sets), or by hand:
 
     TRITON_CACHE_DIR=$(mktemp -d) python tests/triton_aot.py [--shard I/N]
@@ -266,7 +266,7 @@ def _needs_i64(launch):
 def record_all(tk, mk, forwards=FORWARDS):
     """Every launch the network forwards and the masked-MSE loss make, labelled."""
     from glcic_fast import ops
-    from glcic_fast.model import CompletionNet
+    from glcic_fast.nn.completion_net import CompletionNet
     from glcic_fast.ops import dispatch
 
     for module in (tk, mk):

@@ -8,10 +8,10 @@ dispatcher falls back to what is there.
 
 import importlib
 
-from . import dispatch, torch_backend  # noqa: F401  (torch_backend registers itself)
-from .conv import conv2d_bias_act, conv_transpose2d_bias_act
-from .dispatch import BACKENDS, BackendUnavailable, available_backends, explain
-from .masked_mse import masked_mse
+from glcic_fast.ops import dispatch, torch_backend  # noqa: F401  (torch_backend registers itself)
+from glcic_fast.ops.conv import conv2d_bias_act, conv_transpose2d_bias_act
+from glcic_fast.ops.dispatch import BACKENDS, BackendUnavailable, available_backends, explain
+from glcic_fast.ops.masked_mse import masked_mse
 
 BACKEND_LOAD_ERRORS = {}
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
+from glcic_fast.ops import dispatch
 
 ACTIVATIONS = ("relu", "sigmoid", "none")
 

@@ -12,9 +12,9 @@ import torch
 
 from glcic_fast import _C  # noqa: F401  (loading the library registers torch.ops.glcic_fast.*)
 
-from . import dispatch
-from .masked_mse import dense_memory_format
-from .weight_cache import PackedWeightCache
+from glcic_fast.ops import dispatch
+from glcic_fast.ops.masked_mse import dense_memory_format
+from glcic_fast.ops.weight_cache import PackedWeightCache
 
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("glcic_fast::masked_mse_fwd", "CUDA")
 

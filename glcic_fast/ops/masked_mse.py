@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import dispatch
+from glcic_fast.ops import dispatch
 
 REDUCTIONS = ("mean", "sum")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

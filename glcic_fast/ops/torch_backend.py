@@ -9,7 +9,7 @@ is not recording; otherwise the same formula runs out of place.
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from glcic_fast.ops import dispatch
 
 
 def _position_independent_sigmoid_(y):

@@ -1,0 +1,121 @@
+"""``glcic-fast train``: arguments and entry point (kept free of heavy imports so that
+``glcic-fast --help`` stays quick; the work is in glcic_fast.training.train).
+
+Several GPUs on one machine::
+
+    torchrun --standalone --nproc_per_node=4 -m glcic_fast.cli train DATA --out RUN ...
+
+(``--batch-size`` is the global batch, split over the processes.)
+"""
+
+import argparse
+import sys
+
+# Exit statuses: 0 done, 1 error, 2 usage (argparse), 128 + signal when stopped by one
+# (a checkpoint of the last finished step has been written).
+EXIT_ERROR = 1
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("data", metavar="DATA", help="folder of training images (searched recursively: "
+                                                "jpg, jpeg, png, webp)")
+    p.add_argument("--out", metavar="RUN", required=True,
+                   help="run folder: checkpoints, logs, config; must be empty or absent unless --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN from its newest readable checkpoint (or start it there "
+                        "if it has none yet)")
+    p.add_argument("--phase-steps", nargs=3, type=int, metavar=("TC", "TD", "TJ"),
+                   help="steps of the completion, discriminator and joint phases (paper: 90000 10000 400000)")
+    p.add_argument("--batch-size", type=int, help="global batch over all processes (paper: 96)")
+    p.add_argument("--image-size", type=int, help="training crop side (paper: 256)")
+    p.add_argument("--local-size", type=int, help="local discriminator patch side (paper: 128)")
+    p.add_argument("--hole-range", nargs=2, type=int, metavar=("MIN", "MAX"),
+                   help="hole width and height range, inclusive (paper: 96 128)")
+    p.add_argument("--scale-range", nargs=2, type=int, metavar=("MIN", "MAX"),
+                   help="shorter side before the crop, inclusive (default: S 1.5S; paper: 256 384)")
+    p.add_argument("--device", metavar="DEV", help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default 1000)")
+    p.add_argument("--keep", type=int, metavar="K", help="checkpoints kept, newest first (default 3)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of initial weights, data order and "
+                                                         "augmentation (default 0)")
+    p.add_argument("--workers", type=int, metavar="W", help="data-loader processes per training process "
+                                                            "(default 4)")
+    p.add_argument("--alpha", type=float, help="weight of the adversarial loss (paper: 0.0004)")
+    p.add_argument("--adversarial", choices=("non_saturating", "minimax"),
+                   help="C's adversarial loss: -log D (default) or the paper's log(1 - D)")
+    p.add_argument("--mse-reduction", choices=("mean", "sum"),
+                   help="MSE over the hole: mean over the masked values (default) or their sum")
+    p.add_argument("--lr", type=float, help="ADADELTA learning rate (default 1)")
+    p.add_argument("--bn-after-relu", action="store_const", const=True,
+                   help="conv -> ReLU -> BN blocks (GLCIC-PyTorch) instead of the paper's conv -> BN -> ReLU")
+    p.add_argument("--disc-channels", nargs="+", type=int, metavar="C",
+                   help="discriminator conv widths (default: 64 128 256 512 512 512)")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"),
+                   help="bf16 autocast: auto = on CUDA only (default)")
+    p.add_argument("--precision", choices=("float32", "float64"),
+                   help="float64 is for verification (DDP or resume against a reference) without float32 "
+                        "rounding; default float32")
+    p.add_argument("--deterministic", action="store_const", const=True,
+                   help="deterministic kernels: bit-exact resume on CUDA too, somewhat slower")
+    p.add_argument("--mean-pixel", nargs=3, type=float, metavar=("R", "G", "B"),
+                   help="the data set's mean pixel in [0, 1] (default: computed over the data set once)")
+    p.add_argument("--mean-images", type=int, metavar="N",
+                   help="compute the mean pixel over a seeded random subset of N images")
+    p.add_argument("--log-every", type=int, metavar="N", help="steps between loss rows (default 10)")
+    p.add_argument("--image-every", type=int, metavar="N", help="steps between TensorBoard image grids "
+                                                                "(default 1000)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
+                   help="no TensorBoard events")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+
+
+#: argparse destination -> TrainConfig field, for options given on the command line.
+_FIELDS = ("phase_steps", "batch_size", "image_size", "local_size", "hole_range", "scale_range", "device",
+           "checkpoint_every", "keep", "seed", "workers", "alpha", "adversarial", "mse_reduction", "lr",
+           "bn_after_relu", "disc_channels", "amp", "precision", "deterministic", "mean_pixel", "mean_images", "log_every",
+           "image_every", "tensorboard", "progress")
+
+
+def config_from_args(args):
+    """TrainConfig from the options; on --resume, options not given take the run's values."""
+    import json
+    import os
+
+    from glcic_fast.training.checkpoints import CONFIG_FILE, latest_checkpoint
+    from glcic_fast.training.train import TrainConfig
+
+    given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
+    base = {}
+    if args.resume:
+        found = latest_checkpoint(args.out) if os.path.isdir(args.out) else None
+        if found is not None:
+            base = dict(found[1]["config"])
+        elif os.path.exists(os.path.join(args.out, CONFIG_FILE)):
+            with open(os.path.join(args.out, CONFIG_FILE)) as f:
+                base = dict(json.load(f)["config"])
+        # What belongs to this session, not to the run:
+        for k in ("device", "workers", "progress", "tensorboard", "data", "out"):
+            base.pop(k, None)
+        base.pop("mean_pixel", None)  # the run's mean pixel is restored from the checkpoint
+    base.update(given)
+    base.update(data=args.data, out=args.out)
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in base.items() if k in fields})
+
+
+def run(args) -> int:
+    import logging
+    import signal
+
+    from glcic_fast.training.train import TrainingError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        summary = train(cfg, resume=args.resume)
+    except (TrainingError, ValueError, FileNotFoundError) as exc:
+        print(f"glcic-fast train: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if summary["interrupted"]:
+        return 128 + int(summary["signal"] or signal.SIGTERM)
+    return 0

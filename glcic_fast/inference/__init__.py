@@ -1,0 +1,4 @@
+"""Completing images with a trained network: one image (``completion``: any size, only the
+holes replaced, region-of-interest and tiled inference), post-processing, many images at
+once (``batching``), the one-call ``complete`` (``api``), and the timing and quality
+comparisons behind ``glcic-fast bench`` and the demo card."""

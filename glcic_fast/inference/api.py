@@ -1,0 +1,203 @@
+"""``glcic_fast.complete``: one call from an image and a mask to the completed image.
+
+The net-taking function is :func:`glcic_fast.inference.completion.complete_with` (also
+``CompletionNet.complete``); this one finds the weights, the device and the dtype.
+"""
+
+import os
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+#: Environment variable naming the weights ``glcic_fast.complete`` and the command line
+#: use when none are given.
+WEIGHTS_ENV = "GLCIC_FAST_WEIGHTS"
+#: ``weights=RANDOM`` asks for a randomly initialised net (for timings and smoke tests).
+RANDOM = "random"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_NET_CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+_NET_CACHE_SIZE = 4
+
+
+class NoWeightsError(ValueError):
+    """No weights were given and none are configured."""
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """torch.float32 / float16 / bfloat16 from a torch.dtype or a name ("fp16", "bf16", ...);
+    None is float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.lower().replace("torch.", "")]
+    raise ValueError(f"dtype must be float32, float16 or bfloat16 (or fp32, fp16, bf16), got {dtype!r}")
+
+
+def default_device(device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_net():
+    from glcic_fast.nn.completion_net import CompletionNet
+
+    warnings.warn("glcic_fast: the completion network is randomly initialised: its output is noise, "
+                  "not a completion (pass trained weights to get real results)", RuntimeWarning, stacklevel=3)
+    return CompletionNet()
+
+
+def get_net(weights=None, device=None, dtype=None, config=None):
+    """A CompletionNet in eval mode on ``device`` in ``dtype``.
+
+    ``weights``: a CompletionNet (used as is when already on that device and dtype, else
+    a converted copy), anything :func:`glcic_fast.load` reads (a path, a state dict),
+    ``"random"`` (random initialisation, with a warning), or None: the path in the
+    ``GLCIC_FAST_WEIGHTS`` environment variable, else :class:`NoWeightsError`.
+    Nets loaded from a path are cached (up to 4), keyed by the file's path, size and
+    modification time, the device and the dtype.
+    """
+    from glcic_fast.nn.completion_net import CompletionNet
+    from glcic_fast.nn.weights import load
+
+    device, dtype = default_device(device), parse_dtype(dtype)
+    if weights is None:
+        weights = os.environ.get(WEIGHTS_ENV) or None
+        if weights is None:
+            raise NoWeightsError(
+                "no weights: pass weights=<path to a checkpoint> (the authors' .t7, a GLCIC-PyTorch .pth, the "
+                f"authors' converted .pth or glcic_fast .safetensors), set {WEIGHTS_ENV}, or pass "
+                f"weights='{RANDOM}' for a randomly initialised net (its output is noise)")
+    if isinstance(weights, CompletionNet):
+        param = next(weights.parameters())
+        if param.device == device and param.dtype == dtype:
+            return weights
+        import copy
+
+        return copy.deepcopy(weights).to(device=device, dtype=dtype).eval()
+    if isinstance(weights, str) and weights == RANDOM:
+        return random_net().to(device=device, dtype=dtype).eval()
+    key = None
+    if isinstance(weights, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(weights))
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            key = (path, stat.st_size, stat.st_mtime_ns, str(device), dtype,
+                   None if config is None or isinstance(config, dict) else os.fspath(config))
+            if isinstance(config, dict):
+                key = None  # a dict config is not hashable reliably: no caching
+            elif key in _NET_CACHE:
+                _NET_CACHE.move_to_end(key)
+                return _NET_CACHE[key]
+    net = load(weights, config).to(device=device, dtype=dtype).eval()
+    if key is not None:
+        _NET_CACHE[key] = net
+        while len(_NET_CACHE) > _NET_CACHE_SIZE:
+            _NET_CACHE.popitem(last=False)
+    return net
+
+
+def _image_tensor(image):
+    """(tensor C x H x W or N x C x H x W in [0, 1], how to give the result back)."""
+    from glcic_fast.imageio import read_image
+
+    if isinstance(image, torch.Tensor):
+        return image, "tensor"
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image), "tensor"
+    if isinstance(image, np.ndarray):
+        ndim = image.ndim
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"a numpy image must be H x W, H x W x 3 (RGB) or H x W x 4 (RGBA), got {image.shape}")
+        if image.dtype == np.uint8:
+            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+            return t, ("uint8", ndim)
+        if np.issubdtype(image.dtype, np.floating):
+            t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+            return t, ("float", ndim, image.dtype)
+        raise TypeError(f"a numpy image must be uint8 or floating point in [0, 1], got {image.dtype}")
+    raise TypeError(f"image must be a torch.Tensor, a numpy array or a path, got {type(image).__name__}")
+
+
+def _mask_tensor(mask):
+    from glcic_fast.imageio import read_mask
+
+    if isinstance(mask, torch.Tensor):
+        return mask.float() if mask.dtype == torch.bool else mask
+    if isinstance(mask, (str, os.PathLike)):
+        return read_mask(mask)
+    if isinstance(mask, np.ndarray):
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[..., 0]
+        if mask.ndim != 2:
+            raise ValueError(f"a numpy mask must be H x W, got {mask.shape}")
+        if mask.dtype == bool:
+            m = mask.astype(np.float32)
+        elif mask.dtype == np.uint8:
+            m = mask.astype(np.float32) / 255
+        elif np.issubdtype(mask.dtype, np.floating):
+            m = mask.astype(np.float32)
+        else:
+            raise TypeError(f"a numpy mask must be bool, uint8 or floating point, got {mask.dtype}")
+        return torch.from_numpy(m)[None]
+    raise TypeError(f"mask must be a torch.Tensor, a numpy array or a path, got {type(mask).__name__}")
+
+
+def complete(image, mask, weights=None, device=None, dtype=None, postprocess: bool = False, *,
+             config=None, **kwargs):
+    """Fill the holes of ``image``.
+
+    Args:
+        image: a tensor (C x H x W or N x C x H x W, floating point in [0, 1]; C = 3 RGB,
+            1 gray or 4 RGBA), a numpy array (H x W [x C], uint8 or float in [0, 1]) or
+            an image file's path.
+        mask: a tensor (1 x H x W or N x 1 x H x W in [0, 1]), a numpy array (H x W,
+            bool, uint8 or float) or a mask file's path; white / 1 / True = fill.
+        weights: see :func:`get_net`: a path (anything :func:`glcic_fast.load` reads), a
+            state dict, a CompletionNet, ``"random"``, or None for ``$GLCIC_FAST_WEIGHTS``.
+        device: where the network runs; default CUDA when available, else the CPU.
+        dtype: the network's dtype: float32 (default; the exactness guarantees are for
+            it), float16 or bfloat16 (a converted copy of the net; for GPUs).
+        postprocess: the paper's Telea + Poisson blend inside the holes (default False,
+            which keeps the result exactly the network's output in the holes; the
+            ``glcic-fast complete`` command line defaults to True).
+        config: passed to :func:`glcic_fast.load` (GLCIC-PyTorch's config.json).
+        **kwargs: ``mask_threshold``, ``roi``, ``tile``, ``max_pixels``: see
+            :func:`glcic_fast.inference.completion.complete_with`.
+
+    Returns:
+        The completed image in the form given: a tensor on the input tensor's device
+        and dtype, or a numpy array like the input. For a path, a float32 CPU tensor
+        with the file's channels (1 gray, 3 RGB, 4 RGBA with its alpha kept).
+    """
+    from glcic_fast.inference.completion import complete_with
+
+    tensor, kind = _image_tensor(image)
+    mask_t = _mask_tensor(mask)
+    if tensor.dim() == 4 and mask_t.dim() == 3:
+        mask_t = mask_t.unsqueeze(0).expand(tensor.shape[0], -1, -1, -1)
+    if device is None and isinstance(image, torch.Tensor) and image.device.type != "cpu":
+        device = image.device
+    net = get_net(weights, device, dtype, config)
+    run_device = next(net.parameters()).device
+    out = complete_with(net, tensor.to(run_device), mask_t.to(device=run_device, dtype=tensor.dtype),
+                        postprocess=postprocess, **kwargs)
+    if kind == "tensor":
+        return out.to(tensor.device)
+    out = out.cpu().permute(1, 2, 0).numpy()
+    if kind[0] == "uint8":
+        out = (out * 255 + 0.5).astype(np.uint8)
+    else:
+        out = out.astype(kind[2])
+    return out[..., 0] if kind[1] == 2 else out

@@ -1,0 +1,197 @@
+"""CompletionNet: a drop-in replacement for the GLCIC completion network.
+
+Same modules and state-dict keys as the reference (GLCIC-PyTorch's names), so in train
+mode it *is* the reference: outputs, gradients and BatchNorm batch statistics are the
+reference's. In eval mode every layer is one fused op (``glcic_fast.ops``): BatchNorm is
+folded into the conv where the block is conv -> BN -> ReLU, or applied as a per-channel
+affine inside the same op after the activation where it is conv -> ReLU -> BN.
+"""
+
+from typing import List, NamedTuple, Optional
+
+import torch
+
+from glcic_fast import ops
+from glcic_fast.nn.architecture import COMPLETION_LAYERS, IN_CHANNELS, SIZE_MULTIPLE
+from glcic_fast.nn.reference import ReferenceCompletionNet
+from glcic_fast.nn.state_dict import to_canonical_state_dict
+
+#: The authors' Torch7 convention: mean pixel subtracted, hole pixels set to 0.
+MEAN_SUBTRACTED_ZERO_HOLE = "mean_subtracted_zero_hole"
+#: GLCIC-PyTorch's convention: image in [0, 1], hole pixels set to the mean pixel (mpv).
+MEAN_FILLED_HOLE = "mean_filled_hole"
+INPUT_CONVENTIONS = (MEAN_SUBTRACTED_ZERO_HOLE, MEAN_FILLED_HOLE)
+
+#: The authors' places2 mean pixel (RGB), SPEC.md section 6a.
+PLACES2_MEAN_PIXEL = (0.4560, 0.4472, 0.4155)
+
+
+class FusedLayer(NamedTuple):
+    spec: object
+    weight: torch.Tensor
+    bias: torch.Tensor
+    post_scale: Optional[torch.Tensor]
+    post_shift: Optional[torch.Tensor]
+
+
+class CompletionNet(ReferenceCompletionNet):
+    """The GLCIC completion network C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1).
+
+    Args:
+        bn_after_relu: False for conv -> BN -> ReLU (the authors' model), True for
+            conv -> ReLU -> BN (GLCIC-PyTorch).
+        input_convention: how ``complete`` builds the input; defaults to the block
+            order's own (authors: mean subtracted and hole zeroed; GLCIC-PyTorch: hole
+            filled with the mean pixel).
+        mean_pixel: RGB mean pixel in [0, 1]; defaults to the places2 mean.
+        backend: None lets the dispatcher choose per layer; or "torch", "triton", "cuda".
+    """
+
+    def __init__(self, bn_after_relu: bool = False, *, input_convention: Optional[str] = None,
+                 mean_pixel=None, backend: Optional[str] = None):
+        super().__init__(bn_after_relu)
+        if input_convention is None:
+            input_convention = MEAN_FILLED_HOLE if bn_after_relu else MEAN_SUBTRACTED_ZERO_HOLE
+        if input_convention not in INPUT_CONVENTIONS:
+            raise ValueError(f"input_convention must be one of {INPUT_CONVENTIONS}, got {input_convention!r}")
+        self.input_convention = input_convention
+        self.mean_pixel = _as_mean_pixel(PLACES2_MEAN_PIXEL if mean_pixel is None else mean_pixel)
+        self.backend = backend
+        #: Where the weights came from (set by glcic_fast.load): "random init" until loaded.
+        self.weights_source = "random init"
+        self._fused_cache = None
+
+    def extra_repr(self) -> str:
+        order = "conv -> ReLU -> BN (GLCIC-PyTorch)" if self.bn_after_relu else "conv -> BN -> ReLU (authors)"
+        mean = ", ".join(f"{v:.4f}" for v in self.mean_pixel.tolist())
+        return (f"block order: {order}, input convention: {self.input_convention}, "
+                f"mean pixel: ({mean}), weights: {self.weights_source}, backend: {self.backend or 'auto'}")
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_network_input(x)
+        if self.training:
+            return super().forward(x)
+        h = x
+        for layer in self.fused_layers(x.dtype, x.device):
+            h = _run_fused_layer(layer, h, self.backend)
+        return h.contiguous()
+
+    def explain_backends(self, x: torch.Tensor) -> List[str]:
+        """One line per layer: the backend the dispatcher picks for input ``x`` in eval mode,
+        and why faster ones were passed over."""
+        lines, h = [], torch.empty_like(x)
+        with torch.inference_mode():
+            for layer in self.fused_layers(x.dtype, x.device):
+                name = "conv_transpose2d_bias_act" if layer.spec.transposed else "conv2d_bias_act"
+                args = (h, layer.weight, layer.bias, layer.spec.stride, layer.spec.padding, layer.spec.dilation,
+                        layer.spec.activation, layer.post_scale, layer.post_shift)
+                chosen, skipped = ops.explain(name, x.device, *args, backend=self.backend)
+                passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+                lines.append(f"{layer.spec.name}: {chosen or 'none'}{passed_over}")
+                h = _run_fused_layer(layer, h, "torch")  # only the next layer's input shape matters
+        return lines
+
+    # -- BatchNorm folding -------------------------------------------------------------
+    def fused_layers(self, dtype: torch.dtype, device: torch.device) -> List[FusedLayer]:
+        """Per layer: weight and bias with BN folded in (or BN as an affine after the
+        activation), in ``dtype`` on ``device``, weights in channels_last.
+
+        Cached until a parameter or buffer changes (an optimiser step, load_state_dict,
+        .to()): the key holds every tensor's storage pointer and in-place version counter.
+        While autograd records, the folding is recomputed inside the graph so that
+        gradients reach the parameters."""
+        recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        # The children are the convs and BNs themselves: reading their tensors directly is
+        # several times cheaper than parameters()/buffers(), and this runs every forward.
+        tensors = [t for m in self._modules.values() for d in (m._parameters, m._buffers) for t in d.values()]
+        if recording or any(t.is_inference() for t in tensors):  # inference tensors have no version counter
+            return self._fold(dtype, device)
+        key = (dtype, device, self.bn_after_relu, tuple((t.data_ptr(), t._version) for t in tensors))
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            # Normal (not inference) tensors even when called under inference_mode, so that
+            # backends can key their own caches on the folded weights' version counters.
+            with torch.inference_mode(False), torch.no_grad():
+                self._fused_cache = (key, self._fold(dtype, device))
+        return self._fused_cache[1]
+
+    def _fold(self, dtype, device) -> List[FusedLayer]:
+        layers = []
+        for spec in COMPLETION_LAYERS:
+            conv = getattr(self, spec.name)
+            # Fold in float64: the folded weights then round once, to the target dtype.
+            weight, bias = conv.weight.double(), conv.bias.double()
+            post_scale = post_shift = None
+            if spec.has_bn:
+                bn = getattr(self, f"bn{spec.index}")
+                scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                shift = bn.bias.double() - bn.running_mean.double() * scale
+                if self.bn_after_relu:  # ReLU sits between conv and BN: BN stays an affine
+                    post_scale, post_shift = scale, shift
+                else:
+                    out_axis = 1 if spec.transposed else 0
+                    shape = [1, 1, 1, 1]
+                    shape[out_axis] = -1
+                    weight = weight * scale.view(shape)
+                    bias = bias * scale + shift
+            cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+            weight = cast(weight).contiguous(memory_format=torch.channels_last)
+            layers.append(FusedLayer(spec, weight, cast(bias), cast(post_scale), cast(post_shift)))
+        return layers
+
+    # -- weights ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts this network's own keys (GLCIC-PyTorch's, with or without the
+        ``module.`` prefix) and the authors' layout converted to PyTorch (nn.Sequential
+        keys ``0.weight``, ``1.running_mean``, ...). The block order must match the
+        net's: a state dict cannot tell, so build the net with the right
+        ``bn_after_relu`` or use ``glcic_fast.load``."""
+        canonical, _ = to_canonical_state_dict(state_dict)
+        return super().load_state_dict(canonical, strict=strict, assign=assign)
+
+    # -- completion -----------------------------------------------------------------------
+    def complete(self, image: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Fill the holes of ``image`` (see :func:`glcic_fast.inference.completion.complete`)."""
+        from glcic_fast.inference.completion import complete
+
+        return complete(self, image, mask, **kwargs)
+
+    def prepare_input(self, image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        """The network's 4-channel input for ``image`` (N x 3 x H x W in [0, 1]) and a
+        binary ``hole`` mask (N x 1 x H x W, 1 = fill), per the net's input convention."""
+        mean = self.mean_pixel.to(device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+        if self.input_convention == MEAN_SUBTRACTED_ZERO_HOLE:
+            rgb = (image - mean) * (1 - hole)
+        else:
+            rgb = image * (1 - hole) + mean * hole
+        return torch.cat([rgb, hole], dim=1)
+
+
+def _run_fused_layer(layer: FusedLayer, h: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    op = ops.conv_transpose2d_bias_act if layer.spec.transposed else ops.conv2d_bias_act
+    return op(h, layer.weight, layer.bias, stride=layer.spec.stride, padding=layer.spec.padding,
+              dilation=layer.spec.dilation, activation=layer.spec.activation,
+              post_scale=layer.post_scale, post_shift=layer.post_shift, backend=backend)
+
+
+def check_network_input(x: torch.Tensor):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != IN_CHANNELS:
+        raise ValueError(f"the completion network takes N x {IN_CHANNELS} x H x W (RGB with the hole "
+                         f"blanked, plus the mask), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise ValueError(f"H and W must be multiples of {SIZE_MULTIPLE}, got {h} x {w}; "
+                         f"CompletionNet.complete pads any size for you")
+    if not x.is_floating_point():
+        raise TypeError(f"the network input must be floating point, got {x.dtype}")
+
+
+def _as_mean_pixel(value) -> torch.Tensor:
+    mean = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if mean.numel() == 1:
+        mean = mean.expand(3).clone()
+    if mean.numel() != 3 or not torch.isfinite(mean).all() or (mean < 0).any() or (mean > 1).any():
+        raise ValueError(f"mean pixel must be 3 (or 1) values in [0, 1], got {value!r}")
+    return mean

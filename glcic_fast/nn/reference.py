@@ -1,0 +1,43 @@
+"""The plain-PyTorch reference completion network: the parity oracle for every fused kernel.
+
+Kept deliberately obvious: one module per paper layer, applied in order, nothing fused.
+State-dict keys are GLCIC-PyTorch's, so a GLCIC-PyTorch checkpoint loads into
+``ReferenceCompletionNet(bn_after_relu=True)`` as it is.
+"""
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
+
+
+def make_conv(spec) -> nn.Module:
+    cls = nn.ConvTranspose2d if spec.transposed else nn.Conv2d
+    return cls(spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
+               padding=spec.padding, dilation=spec.dilation)
+
+
+class ReferenceCompletionNet(nn.Module):
+    """C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1).
+
+    ``bn_after_relu=False``: conv -> BN -> ReLU (the authors' Torch7 model).
+    ``bn_after_relu=True``: conv -> ReLU -> BN (GLCIC-PyTorch).
+    """
+
+    def __init__(self, bn_after_relu: bool = False):
+        super().__init__()
+        self.bn_after_relu = bn_after_relu
+        for spec in COMPLETION_LAYERS:
+            self.add_module(spec.name, make_conv(spec))
+            if spec.has_bn:
+                self.add_module(f"bn{spec.index}", nn.BatchNorm2d(spec.out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for spec in COMPLETION_LAYERS:
+            x = getattr(self, spec.name)(x)
+            if not spec.has_bn:
+                return torch.sigmoid(x)
+            bn = getattr(self, f"bn{spec.index}")
+            x = bn(F.relu(x)) if self.bn_after_relu else F.relu(bn(x))
+        raise AssertionError("the layer table ends with the output layer")

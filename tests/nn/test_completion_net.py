@@ -1,0 +1,149 @@
+"""CompletionNet vs the reference: eval-mode fused parity, train-mode identity, caching."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glcic_fast import CompletionNet
+from glcic_fast.nn.reference import ReferenceCompletionNet
+
+from helpers import random_image_and_mask, randomize
+
+ORDERS = [False, True]
+
+
+def pair(bn_after_relu, seed=0):
+    net = randomize(CompletionNet(bn_after_relu), seed)
+    ref = ReferenceCompletionNet(bn_after_relu)
+    ref.load_state_dict(net.state_dict())
+    return net, ref
+
+
+@pytest.mark.parametrize("bn_after_relu", ORDERS)
+@pytest.mark.parametrize("shape", [(1, 32, 32), (2, 48, 64), (1, 100, 36)])
+def test_eval_fused_matches_reference(bn_after_relu, shape):
+    net, ref = pair(bn_after_relu)
+    net.eval(), ref.eval()
+    n, h, w = shape
+    x = torch.rand(n, 4, h, w, generator=torch.Generator().manual_seed(1)) - 0.5
+    with torch.inference_mode():
+        got, want = net(x), ref(x)
+    assert got.shape == want.shape == (n, 3, h, w)
+    assert (got - want).abs().max().item() <= 1e-4
+    # BN folds into the conv only for conv -> BN -> ReLU; otherwise it is the post affine.
+    assert all((layer.post_scale is not None) == (bn_after_relu and layer.spec.has_bn)
+               for layer in net.fused_layers(x.dtype, x.device))
+
+
+@pytest.mark.parametrize("bn_after_relu", ORDERS)
+@pytest.mark.parametrize("hw", [(37, 50), (64, 41)])
+def test_complete_any_size_matches_reference(bn_after_relu, hw):
+    """complete() pads non-multiples of 4 by replication, applies the net's convention,
+    and replaces only hole pixels; the reference is applied by hand here."""
+    net, ref = pair(bn_after_relu, seed=3)
+    ref.eval()
+    h, w = hw
+    image, mask = random_image_and_mask(2, h, w, seed=2)
+    got = net.complete(image, mask)
+
+    mean = net.mean_pixel.view(1, 3, 1, 1)
+    if bn_after_relu:  # GLCIC-PyTorch: hole filled with the mean pixel
+        rgb = image * (1 - mask) + mean * mask
+    else:  # authors: mean subtracted, hole zeroed
+        rgb = (image - mean) * (1 - mask)
+    x = F.pad(torch.cat([rgb, mask], 1), (0, -w % 4, 0, -h % 4), mode="replicate")
+    with torch.no_grad():
+        out = ref(x)[..., :h, :w]
+    want = image * (1 - mask) + out * mask
+    assert got.shape == image.shape
+    assert (got - want).abs().max().item() <= 1e-4
+    assert torch.equal(got[mask.expand_as(got) == 0], image[mask.expand_as(image) == 0])
+    assert net.training, "complete() restores the training flag"
+
+
+@pytest.mark.parametrize("bn_after_relu", ORDERS)
+def test_train_mode_is_the_reference(bn_after_relu):
+    net, ref = pair(bn_after_relu, seed=5)
+    net.train(), ref.train()
+    x = torch.rand(2, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    x_net, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_net, out_ref = net(x_net), ref(x_ref)
+    assert torch.equal(out_net, out_ref)
+    g = torch.rand_like(out_net)
+    out_net.backward(g)
+    out_ref.backward(g)
+    assert torch.equal(x_net.grad, x_ref.grad)
+    for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), (_, c) in zip(net.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, c), name  # BN running statistics updated identically
+
+
+@pytest.mark.parametrize("bn_after_relu", ORDERS)
+def test_eval_mode_gradients_reach_parameters(bn_after_relu):
+    """With autograd recording, eval mode folds inside the graph: parameter gradients
+    equal the reference's. In float64, so that the comparison is exact to rounding
+    (in fp32 the deep chain amplifies the reordered rounding of the folded weights)."""
+    net, ref = pair(bn_after_relu, seed=6)
+    net.double().eval(), ref.double().eval()
+    x = torch.rand(1, 4, 32, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    net(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-10 * q.grad.norm(), name
+
+
+def test_fold_cache_follows_parameter_changes():
+    net, ref = pair(False, seed=8)
+    net.eval(), ref.eval()
+    x = torch.rand(1, 4, 32, 32)
+    with torch.inference_mode():
+        first = net(x)
+    other = randomize(ReferenceCompletionNet(False), seed=9)
+    net.load_state_dict(other.state_dict())
+    other.eval()
+    with torch.inference_mode():
+        assert (net(x) - other(x)).abs().max() <= 1e-4
+        assert not torch.allclose(net(x), first)
+    with torch.no_grad():
+        net.bn3.running_var.mul_(2)  # in-place change: the version counter moves
+        other.bn3.running_var.mul_(2)
+    with torch.inference_mode():
+        assert (net(x) - other(x)).abs().max() <= 1e-4
+
+
+def test_low_precision_input_runs_in_that_dtype():
+    net, ref = pair(False, seed=10)
+    net.eval(), ref.eval()
+    x = torch.rand(1, 4, 32, 32)
+    with torch.inference_mode():
+        got = net(x.bfloat16())
+        want = ref(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.05
+
+
+def test_network_input_errors():
+    net = CompletionNet().eval()
+    with pytest.raises(ValueError, match="N x 4 x H x W"):
+        net(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net(torch.rand(1, 4, 30, 32))
+    with pytest.raises(TypeError, match="floating point"):
+        net(torch.zeros(1, 4, 32, 32, dtype=torch.uint8))
+
+
+def test_repr_says_what_it_holds():
+    text = repr(CompletionNet(True))
+    assert "conv -> ReLU -> BN (GLCIC-PyTorch)" in text and "mean_filled_hole" in text
+
+
+def test_net_built_under_inference_mode():
+    """Parameters that are inference tensors have no version counter: folding is then
+    redone on every call rather than cached on a key that cannot see changes."""
+    with torch.inference_mode():
+        net = randomize(CompletionNet(), seed=12).eval()
+        ref = ReferenceCompletionNet()
+        ref.load_state_dict(net.state_dict())
+        x = torch.rand(1, 4, 16, 16)
+        assert (net(x) - ref.eval()(x)).abs().max() <= 1e-4
