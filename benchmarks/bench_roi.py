@@ -132,7 +132,7 @@ def test_folder_throughput(benchmark, folder_jobs, dtype):
     """Files to files, as ``glcic-fast complete DIR`` runs: each call starts its decoding
     workers and captures its CUDA graph (one per batch shape) again; the warm-up call
     leaves only Triton's autotuning and the kernels' compilation out of the timed one."""
-    from glcic_fast.inference.api import parse_dtype
+    from glcic_fast.devices import parse_dtype
     from glcic_fast.inference.batching import complete_files
 
     jobs = folder_jobs

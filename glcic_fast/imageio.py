@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import torch
 
+#: The file names taken for images when a folder is read (completion and training alike).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2")
 #: Output formats OpenCV writes with 16-bit samples.
 SIXTEEN_BIT_FORMATS = (".png", ".tif", ".tiff", ".ppm", ".pgm", ".pnm", ".jp2")
 #: Output formats OpenCV writes with float32 samples.

@@ -24,8 +24,13 @@ import os
 import sys
 import warnings
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2")
 _LIST_LIMIT = 20
+
+
+def _image_extensions():
+    from glcic_fast.imageio import IMAGE_EXTENSIONS  # here, not at the top: --help stays quick
+
+    return IMAGE_EXTENSIONS
 
 
 class UsageError(Exception):
@@ -71,7 +76,7 @@ def _parse_rect(text):
 
 
 def _is_image(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(_image_extensions()) and not name.startswith(".")
 
 
 def _same(a, b):
@@ -100,7 +105,7 @@ def _image_size(path):
 def _check_writable_extension(path):
     from glcic_fast.imageio import check_writable
 
-    if not path.lower().endswith(IMAGE_EXTENSIONS):
+    if not path.lower().endswith(_image_extensions()):
         raise UsageError(f"cannot write an image to {path}: use an image extension such as .png or .jpg")
     try:
         check_writable(path, channels=3)
@@ -241,7 +246,7 @@ def _folder_jobs(args):
 
     images = sorted(n for n in os.listdir(source) if _is_image(n) and os.path.isfile(os.path.join(source, n)))
     if not images:
-        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+        raise UsageError(f"no images ({', '.join(_image_extensions())}) in {source}")
     jobs = []
     if masks_dir:
         by_stem = {}

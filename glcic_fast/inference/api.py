@@ -11,41 +11,20 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from glcic_fast.devices import default_device, parse_dtype
+
 #: Environment variable naming the weights ``glcic_fast.complete`` and the command line
 #: use when none are given.
 WEIGHTS_ENV = "GLCIC_FAST_WEIGHTS"
 #: ``weights=RANDOM`` asks for a randomly initialised net (for timings and smoke tests).
 RANDOM = "random"
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _NET_CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
 _NET_CACHE_SIZE = 4
 
 
 class NoWeightsError(ValueError):
     """No weights were given and none are configured."""
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    """torch.float32 / float16 / bfloat16 from a torch.dtype or a name ("fp16", "bf16", ...);
-    None is float32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
-        return _DTYPES[dtype.lower().replace("torch.", "")]
-    raise ValueError(f"dtype must be float32, float16 or bfloat16 (or fp32, fp16, bf16), got {dtype!r}")
-
-
-def default_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def random_net():

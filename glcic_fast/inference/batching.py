@@ -297,7 +297,7 @@ def _on(device):
 
 
 def _prepare_net(net, device, dtype):
-    from glcic_fast.inference.api import parse_dtype
+    from glcic_fast.devices import parse_dtype
 
     dtype = parse_dtype(dtype) if dtype is not None else next(net.parameters()).dtype
     param = next(net.parameters())

@@ -151,10 +151,10 @@ class CompletionNet(ReferenceCompletionNet):
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, image: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Fill the holes of ``image`` (see :func:`glcic_fast.inference.completion.complete`)."""
-        from glcic_fast.inference.completion import complete
+        """Fill the holes of ``image`` (see :func:`glcic_fast.inference.completion.complete_with`)."""
+        from glcic_fast.inference.completion import complete_with
 
-        return complete(self, image, mask, **kwargs)
+        return complete_with(self, image, mask, **kwargs)
 
     def prepare_input(self, image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         """The network's 4-channel input for ``image`` (N x 3 x H x W in [0, 1]) and a

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from glcic_fast.imageio import IMAGE_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 # Distinct first words keep the two kinds of random streams apart.
 _PERMUTATION_STREAM = 1

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import glcic_fast
-from glcic_fast.inference.api import NoWeightsError, get_net, parse_dtype
+from glcic_fast.devices import parse_dtype
+from glcic_fast.inference.api import NoWeightsError, get_net
 from glcic_fast.inference.completion import complete_with
 
 from helpers import randomize
