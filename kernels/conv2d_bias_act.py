@@ -26,7 +26,8 @@ dense ceil(K/s) x ceil(K/s) convolution (2x2 for the GLCIC deconvs) with its own
 the repacked weight; one launch covers all phases (phase = grid axis 1).
 
 Output channels are masked (Cout = 3 for the last layer runs in a BLOCK_N >= 32 tile).
-Pixel offsets are int64 (batch * H * W * C may pass 2^31).
+Pixel offsets are int64 from the row index on: batch * H * W * C, and even one image's
+H * W, may pass 2^31.
 
 The kernels are registered as torch custom ops ``glcic_fast::triton_conv2d_bias_act`` and
 ``glcic_fast::triton_conv_transpose2d_bias_act`` (torch.library.triton_op, so torch.compile
@@ -198,7 +199,7 @@ def _conv_gemm_kernel(
             ih = ih0 + kh * step
             iw = iw0 + kw * step
             ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = x_row + (ih * W + iw).to(tl.int64) * C_IN + c0
+            pix = x_row + (ih.to(tl.int64) * W + iw) * C_IN + c0
             a_tile = tl.load(x_ptr + pix[:, None] + offs_k[None, :], mask=ok[:, None], other=0.0)
             w_rows = it * BLOCK_K + offs_k
             b_tile = tl.load(w_base + w_rows[:, None] * C_out + offs_n[None, :],
@@ -220,7 +221,7 @@ def _conv_gemm_kernel(
             ih = ih0[:, None] + (kh * step)[None, :]
             iw = iw0[:, None] + (kw * step)[None, :]
             ok = (row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            pix = x_row[:, None] + (ih * W + iw).to(tl.int64) * C_IN + c[None, :]
+            pix = x_row[:, None] + (ih.to(tl.int64) * W + iw) * C_IN + c[None, :]
             a_tile = tl.load(x_ptr + pix, mask=ok, other=0.0)
             b_tile = tl.load(w_base + kk[:, None] * C_out + offs_n[None, :],
                              mask=k_ok[:, None] & n_mask[None, :], other=0.0)
