@@ -7,7 +7,11 @@ from glcic_fast.inference.api import complete
 from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
 from glcic_fast.nn.weights import WeightsError, load, save
 
+#: GLCIC-PyTorch's class name for the same network, so that a drop-in swap changes only the
+#: import line (``CompletionNetwork()`` takes no arguments there either).
+CompletionNetwork = CompletionNet
+
 __version__ = "0.1.0"
 
-__all__ = ["CompletionNet", "load", "save", "complete", "ops", "reference", "COMPLETION_LAYERS",
+__all__ = ["CompletionNet", "CompletionNetwork", "load", "save", "complete", "ops", "reference", "COMPLETION_LAYERS",
            "MEAN_FILLED_HOLE", "MEAN_SUBTRACTED_ZERO_HOLE", "WeightsError"]

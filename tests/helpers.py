@@ -25,7 +25,9 @@ def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 n = spec.out_channels
                 bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 bn.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                bn.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                mean = torch.randn(n, generator=g) * 0.2
+                # After a ReLU (conv -> ReLU -> BN) a BN only learns running means >= 0.
+                bn.running_mean.copy_(mean.abs() if net.bn_after_relu else mean)
                 bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
     return net
 

@@ -14,13 +14,17 @@ import torch
 from glcic_fast import ops
 from glcic_fast.nn.architecture import COMPLETION_LAYERS, IN_CHANNELS, SIZE_MULTIPLE
 from glcic_fast.nn.reference import ReferenceCompletionNet
-from glcic_fast.nn.state_dict import to_canonical_state_dict
+from glcic_fast.nn.state_dict import WeightsError, proven_block_order, to_canonical_state_dict
 
 #: The authors' Torch7 convention: mean pixel subtracted, hole pixels set to 0.
 MEAN_SUBTRACTED_ZERO_HOLE = "mean_subtracted_zero_hole"
 #: GLCIC-PyTorch's convention: image in [0, 1], hole pixels set to the mean pixel (mpv).
 MEAN_FILLED_HOLE = "mean_filled_hole"
 INPUT_CONVENTIONS = (MEAN_SUBTRACTED_ZERO_HOLE, MEAN_FILLED_HOLE)
+
+#: ``bn_after_relu`` of the PyTorch model users have (GLCIC-PyTorch): the order a net runs
+#: when neither its constructor nor its weights choose one.
+GLCIC_PYTORCH_ORDER = True
 
 #: The authors' places2 mean pixel (RGB), SPEC.md section 6a.
 PLACES2_MEAN_PIXEL = (0.4560, 0.4472, 0.4155)
@@ -38,8 +42,13 @@ class CompletionNet(ReferenceCompletionNet):
     """The GLCIC completion network C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1).
 
     Args:
-        bn_after_relu: False for conv -> BN -> ReLU (the authors' model), True for
-            conv -> ReLU -> BN (GLCIC-PyTorch).
+        bn_after_relu: the block order. True: conv -> ReLU -> BN (GLCIC-PyTorch); False:
+            conv -> BN -> ReLU (the authors' model). None (default): not chosen. The net
+            then runs GLCIC-PyTorch's order, the PyTorch model users have, until
+            ``load_state_dict`` is given weights that prove the authors' order (their
+            nn.Sequential keys, or BN statistics only that order learns), which it then
+            takes. A net built with an explicit order refuses such weights with a
+            ``WeightsError`` instead of running the wrong graph.
         input_convention: how ``complete`` builds the input; defaults to the block
             order's own (authors: mean subtracted and hole zeroed; GLCIC-PyTorch: hole
             filled with the mean pixel).
@@ -47,24 +56,38 @@ class CompletionNet(ReferenceCompletionNet):
         backend: None lets the dispatcher choose per layer; or "torch", "triton", "cuda".
     """
 
-    def __init__(self, bn_after_relu: bool = False, *, input_convention: Optional[str] = None,
+    def __init__(self, bn_after_relu: Optional[bool] = None, *, input_convention: Optional[str] = None,
                  mean_pixel=None, backend: Optional[str] = None):
-        super().__init__(bn_after_relu)
-        if input_convention is None:
-            input_convention = MEAN_FILLED_HOLE if bn_after_relu else MEAN_SUBTRACTED_ZERO_HOLE
-        if input_convention not in INPUT_CONVENTIONS:
+        super().__init__(GLCIC_PYTORCH_ORDER if bn_after_relu is None else bool(bn_after_relu))
+        #: Why the net runs the block order it runs (shown by repr).
+        self.block_order_reason = "default, GLCIC-PyTorch's" if bn_after_relu is None else "chosen"
+        self._order_chosen = bn_after_relu is not None
+        if input_convention is not None and input_convention not in INPUT_CONVENTIONS:
             raise ValueError(f"input_convention must be one of {INPUT_CONVENTIONS}, got {input_convention!r}")
-        self.input_convention = input_convention
+        self._convention = input_convention
         self.mean_pixel = _as_mean_pixel(PLACES2_MEAN_PIXEL if mean_pixel is None else mean_pixel)
         self.backend = backend
         #: Where the weights came from (set by glcic_fast.load): "random init" until loaded.
         self.weights_source = "random init"
         self._fused_cache = None
 
+    @property
+    def input_convention(self) -> str:
+        """Set, or else the block order's own (it follows the order ``load_state_dict`` takes)."""
+        if self._convention is not None:
+            return self._convention
+        return MEAN_FILLED_HOLE if self.bn_after_relu else MEAN_SUBTRACTED_ZERO_HOLE
+
+    @input_convention.setter
+    def input_convention(self, value: str):
+        if value not in INPUT_CONVENTIONS:
+            raise ValueError(f"input_convention must be one of {INPUT_CONVENTIONS}, got {value!r}")
+        self._convention = value
+
     def extra_repr(self) -> str:
         order = "conv -> ReLU -> BN (GLCIC-PyTorch)" if self.bn_after_relu else "conv -> BN -> ReLU (authors)"
         mean = ", ".join(f"{v:.4f}" for v in self.mean_pixel.tolist())
-        return (f"block order: {order}, input convention: {self.input_convention}, "
+        return (f"block order: {order} ({self.block_order_reason}), input convention: {self.input_convention}, "
                 f"mean pixel: ({mean}), weights: {self.weights_source}, backend: {self.backend or 'auto'}")
 
     # -- forward ---------------------------------------------------------------------
@@ -143,11 +166,25 @@ class CompletionNet(ReferenceCompletionNet):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts this network's own keys (GLCIC-PyTorch's, with or without the
         ``module.`` prefix) and the authors' layout converted to PyTorch (nn.Sequential
-        keys ``0.weight``, ``1.running_mean``, ...). The block order must match the
-        net's: a state dict cannot tell, so build the net with the right
-        ``bn_after_relu`` or use ``glcic_fast.load``."""
-        canonical, _ = to_canonical_state_dict(state_dict)
-        return super().load_state_dict(canonical, strict=strict, assign=assign)
+        keys ``0.weight``, ``1.running_mean``, ...), and runs the block order the weights
+        need: the authors' where the state dict proves it (their nn.Sequential keys, or a
+        negative BN running mean, which only conv -> BN -> ReLU learns), else
+        GLCIC-PyTorch's, unless the net was built with an explicit ``bn_after_relu``. A
+        state dict that proves the other order than the one chosen raises
+        ``WeightsError``."""
+        canonical, layout = to_canonical_state_dict(state_dict)
+        proven, reason = proven_block_order(canonical, layout)
+        if self._order_chosen and proven is not None and proven != self.bn_after_relu:
+            raise WeightsError(
+                f"this CompletionNet was built with bn_after_relu={self.bn_after_relu} "
+                f"({'conv -> ReLU -> BN' if self.bn_after_relu else 'conv -> BN -> ReLU'}), but these weights "
+                f"are for {'conv -> ReLU -> BN' if proven else 'conv -> BN -> ReLU'}: {reason}. Build "
+                f"CompletionNet(bn_after_relu={proven}), or leave bn_after_relu unset to follow the weights")
+        result = super().load_state_dict(canonical, strict=strict, assign=assign)
+        if not self._order_chosen:
+            self.bn_after_relu = GLCIC_PYTORCH_ORDER if proven is None else proven
+            self.block_order_reason = "default, GLCIC-PyTorch's" if proven is None else f"from the weights: {reason}"
+        return result
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, image: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:

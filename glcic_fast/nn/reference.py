@@ -1,8 +1,8 @@
 """The plain-PyTorch reference completion network: the parity oracle for every fused kernel.
 
 Kept deliberately obvious: one module per paper layer, applied in order, nothing fused.
-State-dict keys are GLCIC-PyTorch's, so a GLCIC-PyTorch checkpoint loads into
-``ReferenceCompletionNet(bn_after_relu=True)`` as it is.
+State-dict keys are GLCIC-PyTorch's, and so is the default block order, so a
+GLCIC-PyTorch checkpoint loads into ``ReferenceCompletionNet()`` as it is.
 """
 
 import torch
@@ -21,11 +21,11 @@ def make_conv(spec) -> nn.Module:
 class ReferenceCompletionNet(nn.Module):
     """C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1).
 
+    ``bn_after_relu=True`` (default): conv -> ReLU -> BN (GLCIC-PyTorch).
     ``bn_after_relu=False``: conv -> BN -> ReLU (the authors' Torch7 model).
-    ``bn_after_relu=True``: conv -> ReLU -> BN (GLCIC-PyTorch).
     """
 
-    def __init__(self, bn_after_relu: bool = False):
+    def __init__(self, bn_after_relu: bool = True):
         super().__init__()
         self.bn_after_relu = bn_after_relu
         for spec in COMPLETION_LAYERS:

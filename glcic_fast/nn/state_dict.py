@@ -7,7 +7,7 @@ this package's own (GLCIC-PyTorch's module names, see ``architecture.py``).
   ``1.running_mean``, ... (for layers 1-16: conv, BN, ReLU; then conv17 and Sigmoid).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 
@@ -87,3 +87,24 @@ def strip_module_prefix(state_dict: dict) -> dict:
     if keys and all(k.startswith("module.") for k in keys):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def proven_block_order(canonical: dict, layout: str) -> Tuple[Optional[bool], str]:
+    """(the block order a state dict proves, as ``bn_after_relu``, or None where it cannot
+    tell; the reason). Key names do not tell GLCIC-PyTorch's weights from the authors'
+    renamed to GLCIC-PyTorch's names, but two things do prove conv -> BN -> ReLU:
+
+    - the authors' nn.Sequential layout, whose module order puts each BN right after its
+      conv;
+    - a negative BN running mean: after a ReLU (conv -> ReLU -> BN) a BN only ever sees
+      values >= 0, so the running mean it learns, from its initial 0, stays >= 0.
+    """
+    if layout == AUTHORS_SEQUENTIAL:
+        return False, "the authors' nn.Sequential keys (0.weight, 1.running_mean, ...) put each BN right after its conv"
+    for spec in COMPLETION_LAYERS:
+        if spec.has_bn:
+            key = f"bn{spec.index}.running_mean"
+            if (canonical[key] < 0).any():
+                return False, (f"{key} has negative values, which only a BN before the ReLU learns "
+                               "(after a ReLU a BN sees values >= 0)")
+    return None, "the keys and statistics fit either block order"

@@ -22,7 +22,7 @@ import torch
 from glcic_fast.files import atomic_write
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, PLACES2_MEAN_PIXEL, CompletionNet
-from glcic_fast.nn.state_dict import GLCIC_PYTORCH, WeightsError, to_canonical_state_dict
+from glcic_fast.nn.state_dict import GLCIC_PYTORCH, WeightsError, proven_block_order, to_canonical_state_dict
 
 FORMAT_NAME = "glcic_fast"
 FORMAT_VERSION = "1"
@@ -196,15 +196,17 @@ def load(source, config=None, *, backend: Optional[str] = None) -> CompletionNet
     state_dict = _read_pickled_state_dict(path) if path is not None else source
     canonical, layout = to_canonical_state_dict(state_dict)
     mean = _mean_from_config(cfg)
-    if layout == GLCIC_PYTORCH:
+    authors_order, reason = proven_block_order(canonical, layout)
+    if layout == GLCIC_PYTORCH and authors_order is None:
         if mean is None:
             raise WeightsError("a GLCIC-PyTorch checkpoint needs its run's mean pixel: put the run's config.json "
                                "beside it or pass config='path/to/config.json' (or config={'mpv': [r, g, b]})")
         net = CompletionNet(True, input_convention=MEAN_FILLED_HOLE, mean_pixel=mean, backend=backend)
         net.weights_source = "GLCIC-PyTorch" + (f" ({path})" if path else "")
-    else:
+    else:  # the authors' layout, or their block order under GLCIC-PyTorch's names
         net = CompletionNet(False, input_convention=MEAN_SUBTRACTED_ZERO_HOLE,
                             mean_pixel=PLACES2_MEAN_PIXEL if mean is None else mean, backend=backend)
+        net.block_order_reason = f"from the weights: {reason}"
         net.weights_source = "authors' layout, converted" + (f" ({path})" if path else "")
     _load_canonical(net, canonical)
     return net
@@ -215,7 +217,7 @@ def _load_canonical(net: CompletionNet, state: dict):
     for key, value in net.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = value
-    torch.nn.Module.load_state_dict(net, state, strict=True)
+    net.load_state_dict(state, strict=True)  # refuses weights that prove the other block order
 
 
 def save(net: CompletionNet, path) -> None:
