@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from glcic_fast.nn.completion_net import PLACES2_MEAN_PIXEL
-from glcic_fast.training.train import Trainer, TrainConfig
+from glcic_fast.training import Trainer, TrainConfig
 
 from conftest import provenance, synchronized
 

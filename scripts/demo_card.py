@@ -27,7 +27,8 @@ def main(argv=None):
 
     import glcic_fast
     from glcic_fast.inference import quality
-    from glcic_fast.training.checkpoints import CONFIG_FILE, LOSSES_FILE, WEIGHTS_FILE, latest_checkpoint
+    from glcic_fast.training.checkpoints import latest_checkpoint
+    from glcic_fast.training.run_folder import CONFIG_FILE, LOSSES_FILE, WEIGHTS_FILE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="the training run folder")

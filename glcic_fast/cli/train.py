@@ -1,5 +1,5 @@
 """``glcic-fast train``: arguments and entry point (kept free of heavy imports so that
-``glcic-fast --help`` stays quick; the work is in glcic_fast.training.train).
+``glcic-fast --help`` stays quick; the work is in glcic_fast.training).
 
 Several GPUs on one machine::
 
@@ -76,43 +76,32 @@ _FIELDS = ("phase_steps", "batch_size", "image_size", "local_size", "hole_range"
            "image_every", "tensorboard", "progress")
 
 
+def _given(args) -> dict:
+    """The TrainConfig settings given on the command line."""
+    return {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
+
+
 def config_from_args(args):
-    """TrainConfig from the options; on --resume, options not given take the run's values."""
-    import json
-    import os
+    """The TrainConfig of a new run from the options. (On --resume, ``run`` hands the
+    options to glcic_fast.training.resume_run instead, which takes those not given from
+    the run's checkpoint, the one it resumes from.)"""
+    from glcic_fast.training.config import TrainConfig
 
-    from glcic_fast.training.checkpoints import CONFIG_FILE, latest_checkpoint
-    from glcic_fast.training.train import TrainConfig
-
-    given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
-    base = {}
-    if args.resume:
-        found = latest_checkpoint(args.out) if os.path.isdir(args.out) else None
-        if found is not None:
-            base = dict(found[1]["config"])
-        elif os.path.exists(os.path.join(args.out, CONFIG_FILE)):
-            with open(os.path.join(args.out, CONFIG_FILE)) as f:
-                base = dict(json.load(f)["config"])
-        # What belongs to this session, not to the run:
-        for k in ("device", "workers", "progress", "tensorboard", "data", "out"):
-            base.pop(k, None)
-        base.pop("mean_pixel", None)  # the run's mean pixel is restored from the checkpoint
-    base.update(given)
-    base.update(data=args.data, out=args.out)
-    fields = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in base.items() if k in fields})
+    return TrainConfig(args.data, args.out, **_given(args))
 
 
 def run(args) -> int:
     import logging
     import signal
 
-    from glcic_fast.training.train import TrainingError, train
+    from glcic_fast.training import TrainingError, resume_run, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config_from_args(args)
-        summary = train(cfg, resume=args.resume)
+        if args.resume:
+            summary = resume_run(args.data, args.out, **_given(args))
+        else:
+            summary = train(config_from_args(args))
     except (TrainingError, ValueError, FileNotFoundError) as exc:
         print(f"glcic-fast train: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

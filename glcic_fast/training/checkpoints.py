@@ -1,8 +1,7 @@
-"""The run folder's files: checkpoints (written atomically, rotated, loaded), the names of the
-files a run keeps there, and each process's random states for an exact resume."""
+"""Checkpoints: written atomically, rotated, listed, loaded (the newest readable one), and
+each process's random states that they hold for an exact resume."""
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from glcic_fast.files import atomic_write
+from glcic_fast.training.config import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +20,6 @@ CHECKPOINT_FORMAT = "glcic_fast-train"
 CHECKPOINT_VERSION = 1
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9,})\.pt$")
-CONFIG_FILE = "config.json"
-IMAGES_FILE = "images.txt"
-LOSSES_FILE = "losses.csv"
-WEIGHTS_FILE = "completionnet.safetensors"
-TENSORBOARD_DIR = "tensorboard"
-#: Files and folders a run creates in its folder; anything else there is the user's.
-RUN_FILES = (CONFIG_FILE, IMAGES_FILE, LOSSES_FILE, WEIGHTS_FILE, TENSORBOARD_DIR)
 
 
 # -- random states -------------------------------------------------------------------------------
@@ -71,8 +64,10 @@ def list_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
 
 
 def save_checkpoint(state: dict, run_dir: str, keep: int) -> str:
-    """Write ``state`` as checkpoint-<step>.pt atomically, then delete all but the newest
-    ``keep`` checkpoints (only files named checkpoint-<step>.pt)."""
+    """Write ``state`` (stamped with this format and version) as checkpoint-<step>.pt
+    atomically, then delete all but the newest ``keep`` checkpoints (only files named
+    checkpoint-<step>.pt)."""
+    state = dict(state, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
     path = checkpoint_path(run_dir, state["step"])
     atomic_write(path, lambda f: torch.save(state, f))
     for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -82,9 +77,6 @@ def save_checkpoint(state: dict, run_dir: str, keep: int) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    # Imported here, not at the top: train.py, where the run's error lives, imports this module.
-    from glcic_fast.training.train import TrainingError
-
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not a glcic_fast training checkpoint")
@@ -103,6 +95,3 @@ def latest_checkpoint(run_dir: str) -> Optional[Tuple[str, dict]]:
             log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(exc).__name__, exc)
     return None
 
-
-def write_json(path: str, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")

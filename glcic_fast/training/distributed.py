@@ -1,11 +1,33 @@
-"""Several processes (torchrun): who this process is, BatchNorm synchronised over the
-process group (on GPUs and on CPUs) and broadcasting a Python object from one process."""
+"""Several processes (torchrun): the process group, who this process is in it, BatchNorm
+synchronised over it (on GPUs and on CPUs) and broadcasting a Python object from one process."""
 
+import contextlib
 from typing import Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from glcic_fast.devices import default_device, torchrun_ranks
+
+
+@contextlib.contextmanager
+def process_group(device=None):
+    """Under torchrun (several processes) and without a process group yet: set one up from
+    torchrun's environment for the time of the block (NCCL when ``device``, as
+    ``default_device`` completes it, is a GPU, which becomes this process's current one;
+    gloo otherwise) and destroy it after. Otherwise nothing."""
+    owns = torchrun_ranks()[1] > 1 and not dist.is_initialized()
+    if owns:
+        device = default_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if owns:
+            dist.destroy_process_group()
 
 
 def rank_and_world() -> Tuple[int, int]:

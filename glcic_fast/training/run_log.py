@@ -5,15 +5,13 @@ import csv
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
-from glcic_fast.training.checkpoints import LOSSES_FILE, TENSORBOARD_DIR
 from glcic_fast.files import atomic_write
-
-if TYPE_CHECKING:  # train.py imports this module
-    from glcic_fast.training.train import TrainConfig
+from glcic_fast.training.config import TrainConfig
+from glcic_fast.training.run_folder import LOSSES_FILE, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +22,7 @@ _CSV_FIELDS = ("step", "phase", "mse", "d_loss", "adv_loss", "d_real", "d_fake",
 class RunLog:
     """Rank 0's outputs: losses.csv, TensorBoard scalars and image grids, the tqdm bar."""
 
-    def __init__(self, cfg: "TrainConfig", run_dir: str, step: int, enabled: bool):
+    def __init__(self, cfg: TrainConfig, run_dir: str, step: int, enabled: bool):
         self.enabled, self.writer, self.bar = enabled, None, None
         if not enabled:
             return
