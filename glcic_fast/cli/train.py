@@ -18,7 +18,7 @@ EXIT_ERROR = 1
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("data", metavar="DATA", help="folder of training images (searched recursively: "
-                                                "jpg, jpeg, png, webp)")
+                                                "png, jpg, jpeg, webp, bmp, tif, ...)")
     p.add_argument("--out", metavar="RUN", required=True,
                    help="run folder: checkpoints, logs, config; must be empty or absent unless --resume")
     p.add_argument("--resume", action="store_true",

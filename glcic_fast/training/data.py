@@ -45,9 +45,9 @@ _MEAN_SUBSET_STREAM = 3
 
 
 def list_images(root) -> List[str]:
-    """Image files under ``root`` (recursive; .jpg, .jpeg, .png, .webp in any case), as
-    sorted paths relative to ``root`` with '/' separators. Hidden files and folders are
-    skipped."""
+    """Image files under ``root`` (recursive; the extensions of
+    glcic_fast.imageio.IMAGE_EXTENSIONS, in any case), as sorted paths relative to ``root``
+    with '/' separators. Hidden files and folders are skipped."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no image folder at {root}")
