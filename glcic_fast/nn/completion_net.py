@@ -22,6 +22,13 @@ MEAN_SUBTRACTED_ZERO_HOLE = "mean_subtracted_zero_hole"
 MEAN_FILLED_HOLE = "mean_filled_hole"
 INPUT_CONVENTIONS = (MEAN_SUBTRACTED_ZERO_HOLE, MEAN_FILLED_HOLE)
 
+
+def default_input_convention(bn_after_relu: bool) -> str:
+    """The input convention that goes with a block order: GLCIC-PyTorch's (conv -> ReLU ->
+    BN) fills the hole with the mean pixel; the authors' subtracts it and zeroes the hole."""
+    return MEAN_FILLED_HOLE if bn_after_relu else MEAN_SUBTRACTED_ZERO_HOLE
+
+
 #: ``bn_after_relu`` of the PyTorch model users have (GLCIC-PyTorch): the order a net runs
 #: when neither its constructor nor its weights choose one.
 GLCIC_PYTORCH_ORDER = True
@@ -76,7 +83,7 @@ class CompletionNet(ReferenceCompletionNet):
         """Set, or else the block order's own (it follows the order ``load_state_dict`` takes)."""
         if self._convention is not None:
             return self._convention
-        return MEAN_FILLED_HOLE if self.bn_after_relu else MEAN_SUBTRACTED_ZERO_HOLE
+        return default_input_convention(self.bn_after_relu)
 
     @input_convention.setter
     def input_convention(self, value: str):

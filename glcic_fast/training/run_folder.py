@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch.distributed as dist
 
 from glcic_fast.files import TMP_NAME, atomic_write
-from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE
+from glcic_fast.nn.completion_net import default_input_convention
 from glcic_fast.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from glcic_fast.training.config import TrainConfig, TrainingError
 from glcic_fast.training.data import list_images
@@ -115,9 +115,9 @@ def write_config_file(cfg: TrainConfig, record: dict, num_images: int, files_dig
     """config.json, written at the run's start: its settings and what glcic_fast.load needs
     to read the completion net's weights file."""
     mean = record["mean_pixel"]
-    convention = MEAN_FILLED_HOLE if cfg.bn_after_relu else MEAN_SUBTRACTED_ZERO_HOLE
     content = {"config": record, "mean_pixel": mean, "mpv": mean, "num_images": num_images,
                "files_digest": files_digest, "world_size": world_size,
-               "completion_net": {"bn_after_relu": cfg.bn_after_relu, "input_convention": convention}}
+               "completion_net": {"bn_after_relu": cfg.bn_after_relu,
+                                  "input_convention": default_input_convention(cfg.bn_after_relu)}}
     atomic_write(os.path.join(cfg.out, CONFIG_FILE), lambda f: f.write(json.dumps(content, indent=2) + "\n"),
                  mode="w")
