@@ -6,6 +6,8 @@ can store it. The network itself always sees RGB (:func:`glcic_fast.inference.co
 """
 
 import os
+import warnings
+from typing import Tuple
 
 import cv2
 import numpy as np
@@ -21,12 +23,36 @@ FLOAT_FORMATS = (".tif", ".tiff")
 ALPHA_FORMATS = (".png", ".tif", ".tiff", ".webp")
 
 
+#: OpenCV's decoder refuses an image whose header declares more than these: (what is
+#: limited, the limit's name in OpenCV, the environment variable that sets it, its default).
+#: It raises cv2.error naming the limit, caught in :func:`_imread`.
+_DECODER_LIMITS = (("pixels", "CV_IO_MAX_IMAGE_PIXELS", "OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30),
+                   ("pixels wide", "CV_IO_MAX_IMAGE_WIDTH", "OPENCV_IO_MAX_IMAGE_WIDTH", 1 << 20),
+                   ("pixels high", "CV_IO_MAX_IMAGE_HEIGHT", "OPENCV_IO_MAX_IMAGE_HEIGHT", 1 << 20))
+
+
+def _imread(path, flags, what: str) -> np.ndarray:
+    """cv2.imread, with every way it fails as a one-line ValueError naming the file."""
+    try:
+        data = cv2.imread(os.fspath(path), flags)
+    except cv2.error as exc:
+        detail = " ".join(str(exc).split())
+        for unit, name, variable, default in _DECODER_LIMITS:
+            if name in detail:
+                limit = os.environ.get(variable, f"{default} (2^{default.bit_length() - 1})")
+                raise ValueError(f"could not read {what} from {path}: it is larger than OpenCV's image decoder "
+                                 f"accepts, at most {limit} {unit} ({name}; the environment variable "
+                                 f"{variable} sets another limit)") from None
+        raise ValueError(f"could not read {what} from {path}: OpenCV's decoder failed: {detail}") from None
+    if data is None:
+        raise ValueError(f"could not read {what} from {path}")
+    return data
+
+
 def read_image_array(path) -> np.ndarray:
     """H x W x C in the file's own sample type (uint8, uint16 or float32), with C = 1
     (gray), 3 (RGB) or 4 (RGBA), channels in RGB order."""
-    data = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise ValueError(f"could not read an image from {path}")
+    data = _imread(path, cv2.IMREAD_UNCHANGED, "an image")
     if data.ndim == 2:
         return data[..., None]
     if data.shape[2] == 4:
@@ -36,15 +62,60 @@ def read_image_array(path) -> np.ndarray:
     raise ValueError(f"{path} has {data.shape[2]} channels; expected gray, RGB or RGBA")
 
 
+def image_size(path) -> Tuple[int, int]:
+    """(width, height) of an image or mask file: from its header when Pillow is installed
+    and reads the format, else (or when Pillow refuses it) by decoding it, which raises
+    :func:`read_image_array`'s errors. Folder runs check every file this way before writing
+    anything."""
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            # Pillow warns about, or refuses, images it would consider decompression bombs;
+            # only the header is read here, and OpenCV decodes with its own limits.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Exception:  # no Pillow, a format it does not read, a file it refuses: OpenCV decides
+        pass
+    data = read_image_array(path)
+    return data.shape[1], data.shape[0]
+
+
 def full_scale(dtype) -> float:
     """The value that means 1.0 in an image array of ``dtype`` (float files are in [0, 1])."""
     return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype), 1.0)
 
 
-def array_to_tensor(data: np.ndarray) -> torch.Tensor:
-    """H x W x C image array -> C x H x W float32 in [0, 1]."""
-    scaled = data.astype(np.float32) / np.float32(full_scale(data.dtype))
-    return torch.from_numpy(scaled).permute(2, 0, 1).contiguous()
+def array_to_tensor(data: np.ndarray, keep_8bit: bool = False) -> torch.Tensor:
+    """H x W x C image array (uint8, uint16 or floating point in [0, 1]) -> C x H x W
+    float32 in [0, 1]; with ``keep_8bit`` an 8-bit array stays uint8 (a quarter of the bytes
+    to move between processes)."""
+    t = torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1)
+    if keep_8bit and data.dtype == np.uint8:
+        return t.contiguous()
+    return (t.float() / full_scale(data.dtype)).contiguous()
+
+
+def mask_array_to_tensor(data: np.ndarray, keep_8bit: bool = False) -> torch.Tensor:
+    """H x W mask array -> 1 x H x W float32 in [0, 1] (bool: 1 for True; uint8: / 255;
+    floating point as is); with ``keep_8bit`` a uint8 mask stays uint8."""
+    if data.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(data))[None]
+        return t if keep_8bit else t.float() / 255
+    if data.dtype == bool or np.issubdtype(data.dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None]
+    raise TypeError(f"a numpy mask must be bool, uint8 or floating point, got {data.dtype}")
+
+
+def tensor_to_array(image: torch.Tensor, sample_type=np.uint8) -> np.ndarray:
+    """C x H x W tensor in [0, 1] -> H x W x C array (on the CPU) of ``sample_type``: uint8
+    or uint16 rounded to the nearest level, float32 as is (clamped to [0, 1])."""
+    data = np.ascontiguousarray(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+    sample_type = np.dtype(sample_type)
+    if sample_type == np.float32:
+        return data
+    return np.floor(data * np.float32(full_scale(sample_type)) + np.float32(0.5)).astype(sample_type)
 
 
 def read_image(path) -> torch.Tensor:
@@ -59,16 +130,15 @@ def read_rgb(path) -> torch.Tensor:
 
 
 def read_mask_array(path) -> np.ndarray:
-    """H x W uint8 (the file read as gray); bright marks pixels to fill."""
-    data = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
-    if data is None:
-        raise ValueError(f"could not read a mask from {path}")
-    return data
+    """H x W uint8 (the file read as gray); bright marks pixels to fill. Pixels as stored,
+    like images (IMREAD_UNCHANGED): not turned by an EXIF orientation, which would move the
+    holes off the pixels they mark."""
+    return _imread(path, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION, "a mask")
 
 
 def read_mask(path) -> torch.Tensor:
     """1 x H x W float32 in [0, 1]; white (or any bright value) marks pixels to fill."""
-    return torch.from_numpy(read_mask_array(path).astype(np.float32) / 255.0)[None]
+    return mask_array_to_tensor(read_mask_array(path))
 
 
 def check_writable(path, channels: int) -> None:
@@ -98,10 +168,7 @@ def write_image(path, image: torch.Tensor, sample_type=np.uint8) -> None:
     ``sample_type`` (the input file's: uint8, uint16 or float32) where the format can
     store them (:func:`file_sample_type`)."""
     check_writable(path, image.shape[0])
-    dtype = file_sample_type(path, sample_type)
-    data = image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    if dtype != np.float32:
-        data = np.floor(data * np.float32(full_scale(dtype)) + np.float32(0.5)).astype(dtype)
+    data = tensor_to_array(image, file_sample_type(path, sample_type))
     conversion = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}.get(data.shape[2])
     data = cv2.cvtColor(data, conversion) if conversion is not None else data[..., 0]
     if not cv2.imwrite(os.fspath(path), data):

@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 def main(argv=None):
     import glcic_fast
+    from glcic_fast.devices import default_device
     from glcic_fast.inference import quality
     from glcic_fast.imageio import read_image_array
 
@@ -43,10 +44,7 @@ def main(argv=None):
             photos[os.path.basename(path)] = quality.resize_shorter_side(rgb, args.size)
     else:
         photos = quality.held_out_photos(args.size)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = glcic_fast.load(args.weights, args.config).to(device).eval()
+    net = glcic_fast.load(args.weights, args.config).to(default_device(args.device)).eval()
     scores = quality.compare(net, photos, holes_per_photo=args.holes, hole_range=tuple(args.hole_range),
                              seed=args.seed)
     table = quality.markdown_table(scores)

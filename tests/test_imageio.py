@@ -1,13 +1,18 @@
 """Image files read to [0, 1] and written back as they came: 8-bit, 16-bit and float
-samples; gray, RGB and RGBA channels."""
+samples; gray, RGB and RGBA channels. Files OpenCV's decoder refuses: a clear error."""
+
+import struct
+import zlib
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+import glcic_fast
 from glcic_fast.inference.batching import decode_image
-from glcic_fast.imageio import file_sample_type, read_image, read_rgb, write_image
+from glcic_fast.imageio import (file_sample_type, image_size, read_image, read_image_array, read_mask,
+                                read_mask_array, read_rgb, write_image)
 
 from photos import photo
 
@@ -77,3 +82,58 @@ def test_write_refuses_to_drop_alpha_or_guess_a_format(tmp_path):
     with pytest.raises(ValueError, match="image extension"):
         write_image(tmp_path / "a.txt", torch.rand(3, 8, 8))
     assert not list(tmp_path.iterdir())
+
+
+def oversized_png(path, width=50000, height=50000):
+    """A PNG whose header claims ``width`` x ``height`` pixels (50000 x 50000 is 2.5e9, over
+    OpenCV's default decoder limit of 2^30 pixels) but holds a 4 x 4 image: a small valid
+    PNG with its IHDR size and checksum patched, so that no big memory is needed. (The CLI
+    tests import it from here.)"""
+    ok, encoded = cv2.imencode(".png", np.full((4, 4, 3), 128, np.uint8))
+    data = bytearray(encoded.tobytes())
+    assert ok and data[12:16] == b"IHDR"  # 8-byte signature, then the IHDR chunk's length and type
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # over the chunk's type and data
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def test_a_file_over_the_decoder_limit_is_a_clear_error(tmp_path):
+    big = oversized_png(tmp_path / "big.png")
+    for read in (read_image_array, read_image, read_rgb, decode_image, image_size):
+        with pytest.raises(ValueError, match=r"could not read an image from .*big\.png: it is larger than "
+                                             r"OpenCV's image decoder accepts, at most 1073741824 \(2\^30\) pixels"):
+            read(big)
+    for read in (read_mask_array, read_mask):
+        with pytest.raises(ValueError, match=r"could not read a mask from .*big\.png: .*CV_IO_MAX_IMAGE_PIXELS"):
+            read(big)
+    mask = np.zeros((4, 4), bool)
+    with pytest.raises(ValueError, match="big.png.*1073741824"):
+        glcic_fast.complete(big, mask, weights="random", device="cpu")
+    with pytest.raises(ValueError, match="big.png.*1073741824"):
+        glcic_fast.complete(np.zeros((4, 4, 3), np.uint8), big, weights="random", device="cpu")
+
+
+def test_image_size_reads_the_header(tmp_path):
+    path = _file(tmp_path, _photo_array(3, np.uint8, 255), ".png")
+    assert image_size(path) == (40, 32)
+    (tmp_path / "not_an_image.png").write_bytes(b"text")
+    with pytest.raises(ValueError, match="could not read an image from .*not_an_image.png"):
+        image_size(tmp_path / "not_an_image.png")
+
+
+def test_a_mask_is_read_as_stored_like_its_image(tmp_path):
+    """A JPEG's EXIF orientation turns neither the image nor its mask: the holes stay on the
+    pixels they mark (and the folder checks' header sizes agree with the decoded ones)."""
+    Image = pytest.importorskip("PIL.Image")
+    data = np.zeros((40, 60), np.uint8)
+    data[:10, :20] = 255
+    im = Image.fromarray(data)
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: shown turned 90 degrees clockwise
+    path = str(tmp_path / "mask.jpg")
+    im.save(path, exif=exif, quality=100)
+    assert read_mask_array(path).shape == read_image_array(path).shape[:2] == (40, 60)
+    assert image_size(path) == (60, 40)
+    assert read_mask(path)[0, :10, :20].min() > 0.9

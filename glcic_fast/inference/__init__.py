@@ -1,4 +1,5 @@
 """Completing images with a trained network: one image (``completion``: any size, only the
 holes replaced, region-of-interest and tiled inference), post-processing, many images at
-once (``batching``), the one-call ``complete`` (``api``), and the timing and quality
-comparisons behind ``glcic-fast bench`` and the demo card."""
+once (``batching``), the one-call ``complete`` (``api``), hole masks from mask files and
+rectangles (``masks``), and the timing and quality comparisons behind ``glcic-fast bench``
+and the demo card."""

@@ -86,31 +86,26 @@ def get_net(weights=None, device=None, dtype=None, config=None):
 
 
 def _image_tensor(image):
-    """(tensor C x H x W or N x C x H x W in [0, 1], how to give the result back)."""
-    from glcic_fast.imageio import read_image
+    """(tensor C x H x W or N x C x H x W in [0, 1], the numpy dtype and dimensions to give
+    the result back in, or None for a tensor)."""
+    from glcic_fast.imageio import array_to_tensor, read_image
 
     if isinstance(image, torch.Tensor):
-        return image, "tensor"
+        return image, None
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image), "tensor"
+        return read_image(image), None
     if isinstance(image, np.ndarray):
-        ndim = image.ndim
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        array = image[..., None] if image.ndim == 2 else image
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
             raise ValueError(f"a numpy image must be H x W, H x W x 3 (RGB) or H x W x 4 (RGBA), got {image.shape}")
-        if image.dtype == np.uint8:
-            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
-            return t, ("uint8", ndim)
-        if np.issubdtype(image.dtype, np.floating):
-            t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-            return t, ("float", ndim, image.dtype)
-        raise TypeError(f"a numpy image must be uint8 or floating point in [0, 1], got {image.dtype}")
+        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+            raise TypeError(f"a numpy image must be uint8 or floating point in [0, 1], got {image.dtype}")
+        return array_to_tensor(array), (image.dtype, image.ndim)
     raise TypeError(f"image must be a torch.Tensor, a numpy array or a path, got {type(image).__name__}")
 
 
 def _mask_tensor(mask):
-    from glcic_fast.imageio import read_mask
+    from glcic_fast.imageio import mask_array_to_tensor, read_mask
 
     if isinstance(mask, torch.Tensor):
         return mask.float() if mask.dtype == torch.bool else mask
@@ -121,15 +116,7 @@ def _mask_tensor(mask):
             mask = mask[..., 0]
         if mask.ndim != 2:
             raise ValueError(f"a numpy mask must be H x W, got {mask.shape}")
-        if mask.dtype == bool:
-            m = mask.astype(np.float32)
-        elif mask.dtype == np.uint8:
-            m = mask.astype(np.float32) / 255
-        elif np.issubdtype(mask.dtype, np.floating):
-            m = mask.astype(np.float32)
-        else:
-            raise TypeError(f"a numpy mask must be bool, uint8 or floating point, got {mask.dtype}")
-        return torch.from_numpy(m)[None]
+        return mask_array_to_tensor(mask)
     raise TypeError(f"mask must be a torch.Tensor, a numpy array or a path, got {type(mask).__name__}")
 
 
@@ -160,9 +147,10 @@ def complete(image, mask, weights=None, device=None, dtype=None, postprocess: bo
         and dtype, or a numpy array like the input. For a path, a float32 CPU tensor
         with the file's channels (1 gray, 3 RGB, 4 RGBA with its alpha kept).
     """
+    from glcic_fast.imageio import tensor_to_array
     from glcic_fast.inference.completion import complete_with
 
-    tensor, kind = _image_tensor(image)
+    tensor, numpy_form = _image_tensor(image)
     mask_t = _mask_tensor(mask)
     if tensor.dim() == 4 and mask_t.dim() == 3:
         mask_t = mask_t.unsqueeze(0).expand(tensor.shape[0], -1, -1, -1)
@@ -172,11 +160,8 @@ def complete(image, mask, weights=None, device=None, dtype=None, postprocess: bo
     run_device = next(net.parameters()).device
     out = complete_with(net, tensor.to(run_device), mask_t.to(device=run_device, dtype=tensor.dtype),
                         postprocess=postprocess, **kwargs)
-    if kind == "tensor":
+    if numpy_form is None:
         return out.to(tensor.device)
-    out = out.cpu().permute(1, 2, 0).numpy()
-    if kind[0] == "uint8":
-        out = (out * 255 + 0.5).astype(np.uint8)
-    else:
-        out = out.astype(kind[2])
-    return out[..., 0] if kind[1] == 2 else out
+    dtype, ndim = numpy_form
+    out = tensor_to_array(out, np.uint8) if dtype == np.uint8 else tensor_to_array(out, np.float32).astype(dtype)
+    return out[..., 0] if ndim == 2 else out

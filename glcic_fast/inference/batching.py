@@ -25,34 +25,34 @@ tiles when one image does not fit either.
 
 import contextlib
 import copy
-import os
 import queue
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
-from glcic_fast.inference.completion import NetworkInput, from_rgb, padded_size, run_network, to_rgb
-from glcic_fast.imageio import full_scale, read_image_array, read_mask_array
+from glcic_fast.imageio import array_to_tensor, read_image_array
+from glcic_fast.inference.completion import NetworkInput, complete_with, from_rgb, padded_size, run_network, to_rgb
+from glcic_fast.inference.masks import Rect, hole_mask
+from glcic_fast.inference.tiling import first_that_fits
 
 #: Most CUDA graphs kept at a time (each holds its own activation memory).
 MAX_GRAPHS = 4
 
-Rect = Tuple[int, int, int, int]  # x, y, w, h
-
 
 @dataclass(frozen=True)
 class Job:
-    """One image to complete: the image file, its mask (a mask file, white = fill, or a
-    list of (x, y, w, h) rectangles) and where to write the result."""
+    """One image to complete: the image file, its holes (a mask file, white = fill, and/or
+    (x, y, w, h) rectangles: :func:`glcic_fast.inference.masks.hole_mask`) and where to
+    write the result."""
     image: str
-    mask: Union[str, Sequence[Rect]]
+    mask: Optional[str]
     output: str
+    rects: Sequence[Rect] = ()
 
 
 def decode_image(path) -> Tuple[torch.Tensor, str]:
@@ -60,28 +60,7 @@ def decode_image(path) -> Tuple[torch.Tensor, str]:
     3 RGB, 4 RGBA) and is uint8 for 8-bit files (a quarter of the bytes to move between
     processes), float32 in [0, 1] otherwise."""
     data = read_image_array(path)
-    t = torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1).contiguous()
-    if data.dtype == np.uint8:
-        return t, "uint8"
-    return t.float() / full_scale(data.dtype), str(data.dtype)
-
-
-def rect_mask(height: int, width: int, rects: Sequence[Rect]) -> torch.Tensor:
-    """1 x H x W uint8 mask, 255 inside each (x, y, w, h) rectangle (clipped)."""
-    mask = torch.zeros(1, height, width, dtype=torch.uint8)
-    for x, y, w, h in rects:
-        mask[:, max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = 255
-    return mask
-
-
-def decode_mask(spec, height: int, width: int) -> torch.Tensor:
-    """1 x H x W uint8 (255 = fill) from a mask file or a list of rectangles."""
-    if isinstance(spec, (str, os.PathLike)):
-        data = read_mask_array(spec)
-        if data.shape != (height, width):
-            raise ValueError(f"mask {spec} is {data.shape[1]} x {data.shape[0]} but its image is {width} x {height}")
-        return torch.from_numpy(data)[None]
-    return rect_mask(height, width, spec)
+    return array_to_tensor(data, keep_8bit=True), data.dtype.name
 
 
 class JobDataset(torch.utils.data.Dataset):
@@ -95,8 +74,13 @@ class JobDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         job = self.jobs[i]
-        image, sample_type = decode_image(job.image)
-        mask = decode_mask(job.mask, image.shape[1], image.shape[2])
+        try:
+            image, sample_type = decode_image(job.image)
+            mask = hole_mask(image.shape[1], image.shape[2], job.mask, job.rects, image=job.image, keep_8bit=True)
+        except ValueError as exc:
+            # Handed back rather than raised: a worker process's exception reaches the caller
+            # re-raised with the worker's traceback as its message.
+            return {"index": i, "error": str(exc)}
         return {"index": i, "image": image, "mask": mask, "sample_type": sample_type}
 
 
@@ -257,37 +241,30 @@ class _Engine:
             self._run(self.buckets.pop(key))
 
     def _run(self, batch):
-        images, holes, inputs = [], [], []
-        for _, _, image, hole, _, _ in batch:
-            image, hole = _as_float(image)[None], hole[None]
-            net_input = NetworkInput(self.net, image, hole.to(image.dtype), self.dtype)
-            inputs.append(net_input.crop(net_input.whole()))
-            images.append(image)
-            holes.append(hole)
-        y = None
-        with torch.inference_mode():
-            try:
-                y = self.runner(torch.cat(inputs))
-            except torch.cuda.OutOfMemoryError:
-                pass  # below, outside the except block, so that the failed batch's memory is freed
-        if y is None:  # one image at a time, with complete_with's own fallback to tiles
-            del inputs
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            from glcic_fast.inference.completion import complete_with
+        images = [_as_float(image)[None] for _, _, image, _, _, _ in batch]
+        holes = [hole[None] for _, _, _, hole, _, _ in batch]
 
-            for i, (index, output, _, _, original, sample_type) in enumerate(batch):
-                result = complete_with(self.net, images[i], holes[i].to(images[i].dtype))
-                (host, host_hole), event = _to_host([result[0], holes[i][0]], self.pinned)
-                self.writers.put((index, output, host, host_hole, event, original, sample_type))
-            return
-        with torch.inference_mode():
-            for i, (index, output, _, _, original, sample_type) in enumerate(batch):
-                image, hole = images[i], holes[i]
-                h, w = image.shape[-2:]
-                result = torch.where(hole, y[i:i + 1, :, :h, :w].to(image.dtype), image)
-                (host, host_hole), event = _to_host([result[0], hole[0]], self.pinned)
-                self.writers.put((index, output, host, host_hole, event, original, sample_type))
+        def batched():
+            inputs = []
+            for image, hole in zip(images, holes):
+                net_input = NetworkInput(self.net, image, hole.to(image.dtype), self.dtype)
+                inputs.append(net_input.crop(net_input.whole()))
+            with torch.inference_mode():
+                y = self.runner(torch.cat(inputs))
+                # Every result before any is handed on, so that running out of memory here
+                # too leaves nothing half written for the fallback to redo.
+                return [torch.where(hole, y[i:i + 1, :, :image.shape[-2], :image.shape[-1]].to(image.dtype), image)
+                        for i, (image, hole) in enumerate(zip(images, holes))]
+
+        def one_at_a_time():
+            # Lazily, so that each result is handed on before the next is computed;
+            # complete_with falls back to tiles when one image does not fit either.
+            return (complete_with(self.net, image, hole.to(image.dtype)) for image, hole in zip(images, holes))
+
+        results = first_that_fits([batched, one_at_a_time])
+        for (index, output, _, _, original, sample_type), result, hole in zip(batch, results, holes):
+            (host, host_hole), event = _to_host([result[0], hole[0]], self.pinned)
+            self.writers.put((index, output, host, host_hole, event, original, sample_type))
 
 
 def _on(device):
@@ -337,6 +314,8 @@ def complete_files(net, jobs: Sequence[Job], *, device=None, dtype=None, batch_s
     try:
         with _on(device):
             for item in loader:
+                if "error" in item:
+                    raise ValueError(item["error"])
                 i = item["index"]
                 engine.add(i, jobs[i].output, item["image"], item["mask"], item["sample_type"])
             engine.flush()

@@ -4,7 +4,10 @@ Used by ``glcic-fast bench``. Both run in eval mode under inference_mode with th
 weights, on the GPU when there is one: the reference as the eager PyTorch graph users
 already have (NCHW, separate conv, BatchNorm and ReLU), glcic_fast with BN folded and each
 layer one fused op. With trained weights (given, or the demo checkpoint bundled in
-``examples/``) it can also write the completed example.
+``examples/``) it can also write the completed example: object removal, the mission patch
+and the name badge taken off the astronaut's suit (the mask of the README's figure,
+examples/object_removal.png, which scripts/make_object_removal_figure.py makes from the
+same files).
 """
 
 import copy
@@ -13,7 +16,9 @@ import time
 
 import torch
 
-from glcic_fast.imageio import read_mask, read_rgb
+from glcic_fast.devices import default_device
+from glcic_fast.imageio import read_rgb
+from glcic_fast.inference.masks import hole_mask
 from glcic_fast.nn.completion_net import CompletionNet
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
@@ -21,6 +26,9 @@ from glcic_fast.nn.reference import ReferenceCompletionNet
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 #: The demonstration checkpoint trained by scripts/train_demo.sh (absent until one is bundled).
 DEMO_WEIGHTS = os.path.join(EXAMPLES, "demo_completionnet.safetensors")
+#: The bundled example and its mask: white boxes over the mission patch and the name badge.
+EXAMPLE_IMAGE = os.path.join(EXAMPLES, "astronaut.png")
+EXAMPLE_MASK = os.path.join(EXAMPLES, "astronaut_mask.png")
 
 
 def _synchronize():
@@ -89,16 +97,14 @@ def run(weights=None, image_path=None, mask_path=None, repeats=3, device=None, o
     from glcic_fast.imageio import write_image
     from glcic_fast.nn.weights import load
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    image_path = image_path or os.path.join(EXAMPLES, "astronaut.png")
-    mask_path = mask_path or os.path.join(EXAMPLES, "astronaut_mask.png")
+    device = default_device(device)
+    image_path = image_path or EXAMPLE_IMAGE
+    mask_path = mask_path or EXAMPLE_MASK
     if output is not None and any(os.path.exists(output) and os.path.samefile(output, p)
                                   for p in (image_path, mask_path)):
         raise ValueError(f"refusing to overwrite the input {output} with the completion")
-    image, mask = read_rgb(image_path), read_mask(mask_path)
-    if mask.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"mask {mask_path} is {mask.shape[-1]} x {mask.shape[-2]} but image {image_path} is "
-                         f"{image.shape[-1]} x {image.shape[-2]}")
+    image = read_rgb(image_path)
+    mask = hole_mask(*image.shape[-2:], mask_path, image=image_path)
     weights = weights or (DEMO_WEIGHTS if os.path.exists(DEMO_WEIGHTS) else None)
     if weights:
         net = load(weights).to(device)

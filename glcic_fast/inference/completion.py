@@ -1,11 +1,11 @@
 """Completing images with a given net: the net's input convention, any image size, only
 the holes replaced; region-of-interest and tiled inference; post-processing.
 
-:func:`complete_with` takes the net (``CompletionNet.complete`` calls it;
-``glcic_fast.inference.completion.complete`` is the same function under its old name). The
-module-level ``glcic_fast.complete`` (:mod:`glcic_fast.inference.api`) loads weights for you.
+:func:`complete_with` takes the net (``CompletionNet.complete`` calls it). The module-level
+``glcic_fast.complete`` (:mod:`glcic_fast.inference.api`) loads weights for you.
 """
 
+import itertools
 from typing import Optional
 
 import torch
@@ -31,6 +31,9 @@ def _as_batch(t: torch.Tensor, name: str, channels) -> torch.Tensor:
         else:
             want = "1 x H x W or N x 1 x H x W"
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.shape[-2] == 0 or t.shape[-1] == 0:
+        raise ValueError(f"{name} is {t.shape[-2]} pixels high and {t.shape[-1]} wide (shape {tuple(t.shape)}): "
+                         "expected at least 1 x 1 pixels")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be floating point with values in [0, 1], got {t.dtype} "
                         f"(for 8-bit images use tensor.float() / 255)")
@@ -38,6 +41,8 @@ def _as_batch(t: torch.Tensor, name: str, channels) -> torch.Tensor:
 
 
 def _check_values(t: torch.Tensor, name: str):
+    if t.numel() == 0:  # a batch of no images: nothing to check (min and max have no value)
+        return
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     if t.min() < 0 or t.max() > 1:
@@ -127,20 +132,9 @@ def network_output(net, image: torch.Tensor, hole: torch.Tensor, *, roi: Optiona
     fixed = lambda crop: _tiling.pick_core(tile, max_pixels, crop)
     if tile is not None:
         return run(fixed)
-    try:
-        return run(fixed)
-    except torch.cuda.OutOfMemoryError as exc:
-        error = exc  # leave the except block first, so that the failed forward's tensors are freed
     largest = max(regions, key=lambda r: r.crop.area).crop
-    for core in _tiling.auto_cores(largest):
-        error = None
-        _tiling.empty_cuda_cache()
-        try:
-            return run(lambda crop, core=core: core)
-        except torch.cuda.OutOfMemoryError as exc:
-            error = exc
-    _tiling.empty_cuda_cache()
-    raise error
+    tiled = (lambda core=core: run(lambda crop: core) for core in _tiling.auto_cores(largest))
+    return _tiling.first_that_fits(itertools.chain([lambda: run(fixed)], tiled))
 
 
 def complete_with(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshold: float = 0.5,
@@ -163,8 +157,8 @@ def complete_with(net, image: torch.Tensor, mask: torch.Tensor, *, mask_threshol
         tile: run the network in tiles with cores of ``tile`` x ``tile`` pixels
             (:mod:`glcic_fast.inference.tiling`); exact, for images larger than memory.
         max_pixels: tile only crops larger than this many pixels, with the largest tiles
-            that fit. Without ``tile`` or ``max_pixels``, a forward that runs out of CUDA
-            memory is retried in tiles, automatically.
+            that fit. Unless ``tile`` is given, a forward that runs out of CUDA memory
+            is retried in smaller tiles, automatically.
         postprocess: the paper's blend (:mod:`glcic_fast.inference.postprocess`: Telea, then
             Poisson per hole region, OpenCV, 8-bit inside the holes). Default False:
             the result is then exactly the network's output in the holes. The
@@ -247,7 +241,3 @@ def from_rgb(completed: torch.Tensor, image: torch.Tensor, hole: torch.Tensor) -
     if channels == 4:
         return torch.cat([completed.to(image.dtype), image[..., 3:, :, :]], dim=-3)
     return completed
-
-
-#: The old name of :func:`complete_with` (``CompletionNet.complete`` calls it).
-complete = complete_with

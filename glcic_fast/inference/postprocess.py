@@ -33,6 +33,8 @@ import cv2
 import numpy as np
 import torch
 
+from glcic_fast.imageio import tensor_to_array
+
 #: Mirror border put around the images before cloning.
 BORDER = 8
 
@@ -99,8 +101,7 @@ def clone_holes(src: np.ndarray, dst: np.ndarray, mask: np.ndarray) -> np.ndarra
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """3 x H x W in [0, 1] (RGB) -> H x W x 3 uint8 BGR."""
-    rgb = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    return np.ascontiguousarray(rgb[..., ::-1])
+    return np.ascontiguousarray(tensor_to_array(image)[..., ::-1])
 
 
 def postprocess(completed: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:

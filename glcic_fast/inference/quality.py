@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 import torch
 
+from glcic_fast.imageio import array_to_tensor, tensor_to_array
+
 #: cv2.inpaint's neighbourhood radius for the Telea baseline (OpenCV's samples use 3).
 TELEA_RADIUS = 3
 #: "flat fill + blend" is the paper's post-processing applied to holes filled with the
@@ -53,10 +55,9 @@ def random_hole(height: int, width: int, size_range: Tuple[int, int], generator:
 def telea(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     """``image`` (3 x H x W in [0, 1]) with the hole filled by cv2.inpaint's Telea method
     on the 8-bit image; the input's values outside the hole."""
-    rgb = (image.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     mask = (hole[0].cpu().numpy() > 0).astype(np.uint8) * 255
-    filled = torch.from_numpy(cv2.inpaint(rgb, mask, TELEA_RADIUS, cv2.INPAINT_TELEA)).permute(2, 0, 1)
-    return torch.where(hole.bool().cpu(), filled.float() / 255, image.cpu())
+    filled = array_to_tensor(cv2.inpaint(tensor_to_array(image), mask, TELEA_RADIUS, cv2.INPAINT_TELEA))
+    return torch.where(hole.bool().cpu(), filled, image.cpu())
 
 
 def compare(net, photos: Mapping[str, torch.Tensor], *, holes_per_photo: int = 10,
@@ -113,8 +114,7 @@ def resize_shorter_side(rgb: np.ndarray, size: int) -> torch.Tensor:
     scale = size / min(h, w)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    resized = cv2.resize(np.ascontiguousarray(rgb), new, interpolation=interpolation)
-    return torch.from_numpy(resized).permute(2, 0, 1).float() / 255
+    return array_to_tensor(cv2.resize(np.ascontiguousarray(rgb), new, interpolation=interpolation))
 
 
 def held_out_photos(size: int = 256) -> Dict[str, torch.Tensor]:

@@ -9,20 +9,22 @@ on the CPU).
 
 ``complete(..., tile=T)`` uses cores of T x T pixels; ``complete(..., max_pixels=P)``
 picks the largest core whose tile (core plus halo on both sides) has at most P pixels,
-and tiles only when a crop is larger than that. Without either, a whole-image (or ROI)
-forward that raises ``torch.cuda.OutOfMemoryError`` is retried tiled: the CUDA cache is
-emptied and the core side starts at half the crop's longer side (rounded to 4) and halves
-after each further out-of-memory error, down to :data:`MIN_AUTO_CORE` before giving up
-(re-raising the error).
+and tiles only when a crop is larger than that. Unless ``tile`` is given, a forward (whole
+image, ROI crops or ``max_pixels`` tiles) that raises ``torch.cuda.OutOfMemoryError`` is
+retried tiled: the CUDA cache is emptied and the core side starts at half the largest
+crop's longer side (rounded to 4) and halves after each further out-of-memory error, down
+to :data:`MIN_AUTO_CORE` before giving up (re-raising the error).
 """
 
 import math
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional, TypeVar
 
 import torch
 
 from glcic_fast.nn.architecture import SIZE_MULTIPLE
 from glcic_fast.inference.roi import HALO, Box, expand
+
+T = TypeVar("T")
 
 #: The smallest core the out-of-memory fallback tries (tiles are then 376 x 376).
 MIN_AUTO_CORE = 64
@@ -98,6 +100,24 @@ def auto_cores(crop: Box) -> Iterator[int]:
 def empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def first_that_fits(attempts: Iterable[Callable[[], T]]) -> T:
+    """The result of the first of ``attempts`` that does not run out of CUDA memory, trying
+    them in turn: the out-of-memory fallback of whole-image, ROI and batched inference. The
+    last attempt's ``torch.cuda.OutOfMemoryError`` propagates."""
+    attempts = iter(attempts)
+    attempt = next(attempts)
+    while True:
+        try:
+            return attempt()
+        except torch.cuda.OutOfMemoryError:
+            attempt = next(attempts, None)
+            if attempt is None:
+                raise
+        # Past the except block the error, and the failed attempt's tensors its traceback
+        # holds, are released: only now can the cache hand their memory back.
+        empty_cuda_cache()
 
 
 def pick_core(tile: Optional[int], max_pixels: Optional[int], crop: Box) -> Optional[int]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import glcic_fast
+from glcic_fast.cli import common
 from glcic_fast.cli import commands as cli
 from glcic_fast.inference.batching import complete_many
 from glcic_fast.inference.completion import complete_with
@@ -184,7 +185,7 @@ def test_torchrun_ranks_take_every_world_size_th_file(folder, weights, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(cli, "_device", lambda args, world, local: _torch.device("cpu"))  # no GPUs here
+    monkeypatch.setattr(common, "pick_device", lambda args, world, local: _torch.device("cpu"))  # no GPUs here
     out = folder / "out"
     assert run("complete", folder / "images", "--masks", folder / "masks", "-o", out, "--weights", weights,
                "--no-progress", "--workers", "0") == 0
@@ -355,3 +356,101 @@ def test_bench_times_and_writes_the_completion_only_with_trained_weights(folder,
     assert len(diffs) == 2 and all(0 < d < 0.05 for d in diffs)  # bf16 rounding, measured against fp32
     assert run("bench", "--image", image, "--mask", folder / "masks" / "missing.png", "--repeats", "1") == 2
     assert "could not read a mask" in capsys.readouterr().err
+
+
+def _one_line(err):
+    """The stderr of a refused command: one line, the error, no traceback."""
+    assert err.count("\n") == 1 and err.startswith("glcic-fast complete: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_files_over_the_decoder_limit_exit_2_with_one_line(folder, weights, capsys):
+    from test_imageio import oversized_png  # tests/ is on the path (conftest.py)
+
+    big = oversized_png(folder / "big.png")
+    image, mask, out = folder / "images" / "cat.png", folder / "masks" / "cat.png", folder / "out.png"
+    limit = "at most 1073741824 (2^30) pixels (CV_IO_MAX_IMAGE_PIXELS"
+    assert run("complete", big, "--rect", "1,1,5,5", "-o", out, "--weights", weights) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"could not read an image from {big}" in err and limit in err
+    assert run("complete", image, "--mask", big, "-o", out, "--weights", weights) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"could not read a mask from {big}" in err and limit in err
+    assert not out.exists()
+
+    # Folders: every file is checked before anything is written.
+    os.replace(big, folder / "images" / "big.png")
+    assert run("complete", folder / "images", "--rect", "1,1,5,5", "-o", folder / "o", "--weights", weights,
+               "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "1 file(s) cannot be read" in err and f"{folder / 'images' / 'big.png'}: it is larger" in err
+    assert limit in err and "Traceback" not in err and not (folder / "o").exists()
+    os.replace(folder / "images" / "big.png", folder / "masks" / "cup.png")  # a mask this time
+    assert run("complete", folder / "images", "--masks", folder / "masks", "-o", folder / "o", "--weights", weights,
+               "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'masks' / 'cup.png'}: it is larger" in err and limit in err and not (folder / "o").exists()
+
+
+def test_the_real_command_reports_a_file_over_the_decoder_limit_in_one_line(tmp_path, weights):
+    from test_imageio import oversized_png
+
+    big = oversized_png(tmp_path / "big.png")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("GLCIC_FAST_WEIGHTS", None)
+    proc = subprocess.run([sys.executable, "-m", "glcic_fast.cli", "complete", big, "--rect", "1,1,5,5", "-o",
+                           str(tmp_path / "out.png"), "--weights", weights], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert big in proc.stderr and "1073741824" in proc.stderr and not (tmp_path / "out.png").exists()
+
+
+def test_a_rectangle_outside_the_image(folder, weights, capsys):
+    image, out = folder / "images" / "cat.png", folder / "single.png"  # cat.png is 90 x 64
+    assert run("complete", image, "--rect", "10,10,5,5", "--rect", "100,10,5,5", "-o", out, "--weights", weights) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "rectangle 100,10,5,5" in err and "wholly outside" in err and "90 x 64" in err and not out.exists()
+
+    # Partly outside: clipped, and said so on one line.
+    assert run("complete", image, "--rect", "70,50,30,30", "-o", out, "--weights", weights, "--no-postprocess") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rect 70,50,30,30 reaches outside" in err and "90 x 64" in err
+    assert "clipped to 70,50,20,14" in err
+    got, source = read_image(out), read_image(image)
+    hole = torch.zeros(3, 64, 90, dtype=torch.bool)
+    hole[:, 50:, 70:] = True
+    assert torch.equal(got[~hole], source[~hole]) and not torch.equal(got[hole], source[hole])
+
+
+def test_a_rectangle_outside_some_images_of_a_folder(folder, weights, capsys):
+    """The same rectangles apply to every image: wholly outside any of them is an error
+    before anything is written; partly outside is clipped, one warning line per clipping."""
+    out = folder / "out"
+    common_args = ["--weights", weights, "--no-progress", "--workers", "0"]
+    # astronaut.png is 51 x 70, cat.png and cup.png 90 x 64.
+    assert run("complete", folder / "images", "--rect", "60,10,20,20", "-o", out, *common_args) == 2
+    err = capsys.readouterr().err
+    assert "--rect 60,10,20,20 lies wholly outside 1 image(s)" in err and "astronaut.png (51 x 70)" in err
+    assert "cat.png" not in err and not out.exists()
+
+    assert run("complete", folder / "images", "--rect", "40,60,20,20", "-o", out, *common_args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert sorted(warnings) == [
+        "glcic-fast complete: warning: --rect 40,60,20,20 reaches outside 1 image(s), clipped to 40,60,11,10 "
+        "there: astronaut.png",
+        "glcic-fast complete: warning: --rect 40,60,20,20 reaches outside 2 image(s), clipped to 40,60,20,4 "
+        "there: cat.png, cup.png"]
+    assert sorted(os.listdir(out)) == ["astronaut.png", "cat.png", "cup.png"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_that_does_not_decode_stops_a_folder_run_without_a_traceback(folder, weights, capsys, workers):
+    """Its header reads (the checks before the run pass), its data does not: found while
+    running, in a decoding worker process or not."""
+    broken = folder / "images" / "cup.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    assert run("complete", folder / "images", "--rect", "5,5,10,10", "-o", folder / "out", "--weights", weights,
+               "--no-progress", "--workers", str(workers)) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"could not read an image from {broken}" in err

@@ -75,3 +75,13 @@ def test_dtype(saved):
     assert out.dtype == torch.float32
     assert (out - complete_with(net, image, mask)).abs().max().item() < 0.1
     assert next(get_net(path, "cpu", "bfloat16").parameters()).dtype == torch.bfloat16
+
+
+def test_an_image_without_pixels_is_a_clear_error(saved):
+    _, path = saved
+    for rgb, mask in [(np.zeros((0, 5, 3), np.uint8), np.zeros((0, 5), bool)),
+                      (np.zeros((4, 0), np.float32), np.ones((4, 0), np.float32))]:
+        with pytest.raises(ValueError, match=r"image is \d+ pixels high and \d+ wide .*expected at least 1 x 1"):
+            glcic_fast.complete(rgb, mask, weights=path, device="cpu")
+    with pytest.raises(ValueError, match="image is 0 pixels high and 6 wide"):
+        glcic_fast.complete(torch.rand(3, 0, 6), torch.zeros(1, 0, 6), weights=path, device="cpu")

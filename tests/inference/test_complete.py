@@ -43,6 +43,10 @@ def test_unbatched_and_batched_agree(net):
     (torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8), torch.zeros(1, 1, 8, 8), TypeError, "/ 255"),
     (torch.rand(1, 3, 8, 8), torch.full((1, 1, 8, 8), 2.0), ValueError, r"mask values must lie in \[0, 1\]"),
     ("image.png", torch.zeros(1, 1, 8, 8), TypeError, "torch.Tensor"),
+    (torch.rand(3, 0, 5), torch.zeros(1, 0, 5), ValueError, r"image is 0 pixels high and 5 wide \(shape \(1, 3, 0, 5\)\): "
+                                                            r"expected at least 1 x 1 pixels"),
+    (torch.rand(2, 1, 7, 0), torch.zeros(2, 1, 7, 0), ValueError, "image is 7 pixels high and 0 wide"),
+    (torch.rand(3, 4, 5), torch.zeros(1, 0, 0), ValueError, "mask is 0 pixels high and 0 wide"),
 ])
 def test_bad_input(net, image, mask, error, match):
     with pytest.raises(error, match=match):
@@ -53,3 +57,9 @@ def test_wrong_device(net):
     image, mask = random_image_and_mask(1, 8, 8)
     with pytest.raises(ValueError, match="net's device"):
         net.complete(image.to("meta"), mask.to("meta"))
+
+
+def test_a_batch_of_no_images_gives_no_images(net):
+    image = torch.rand(0, 3, 8, 8)
+    out = net.complete(image, torch.zeros(0, 1, 8, 8))
+    assert out.shape == image.shape

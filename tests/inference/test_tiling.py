@@ -120,3 +120,23 @@ def test_out_of_memory_with_nothing_small_enough_reraises(monkeypatch):
     monkeypatch.setattr(completion, "run_network", _pointwise_forward([], oom_above=100))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         complete_with(CompletionNet(), torch.rand(3, 600, 600), rect_mask(600, 600, (200, 200, 200, 200)))
+
+
+def test_first_that_fits_tries_each_attempt_in_turn(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(tiling, "empty_cuda_cache", lambda: emptied.append(1))
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def other():
+        raise ValueError("other")
+
+    assert tiling.first_that_fits([lambda: 1, oom]) == 1 and not emptied
+    assert tiling.first_that_fits([oom, oom, lambda: 3]) == 3 and len(emptied) == 2
+    tried = []
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tiling.first_that_fits(lambda i=i: tried.append(i) or oom() for i in range(3))
+    assert tried == [0, 1, 2]
+    with pytest.raises(ValueError, match="other"):  # anything else is not retried
+        tiling.first_that_fits([other, lambda: 2])
