@@ -26,6 +26,7 @@ def main(argv=None):
     import torch
 
     import glcic_fast
+    from glcic_fast.devices import default_device
     from glcic_fast.inference import quality
     from glcic_fast.training.checkpoints import latest_checkpoint
     from glcic_fast.training.run_folder import CONFIG_FILE, LOSSES_FILE, WEIGHTS_FILE
@@ -33,7 +34,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="the training run folder")
     parser.add_argument("--examples", default=os.path.join(ROOT, "examples"), help="where to write (examples/)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     args = parser.parse_args(argv)
 
     found = latest_checkpoint(args.run)
