@@ -2,18 +2,16 @@
 the torch backend.
 
 Every layer of the completion net (glcic_fast.nn.architecture) on the activations a 1024x1024
-input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/), backend
-"cuda" (glcic_fast._C's tensor-core kernel, only for the 3x3 256 -> 256 stride-1 layers: the
-others are skipped with the dispatcher's reason) and backend "torch" (cuDNN, channels_last
-input and weight). extra_info holds the device and versions, the layer, the op and its
+input gives it, bf16, channels_last, batch 1 and 8; backend "triton" (kernels/conv2d_bias_act.py),
+backend "cuda" (glcic_fast._C's tensor-core kernel, only for the 3x3 256 -> 256 stride-1
+layers: the others are skipped with the dispatcher's reason) and backend "torch" (cuDNN,
+channels_last input and weight). extra_info holds the device and versions, the layer, the op and its
 dispatcher tuning key, milliseconds (CUDA events), TFLOP/s and its fraction of the measured
 bf16 GEMM ceiling. CUDA only: skipped without a GPU. benchmarks/make_tuning_table.py turns
 the JSON into the dispatcher's tuning table.
 
     pytest benchmarks/bench_conv_layers.py --benchmark-group-by=group
 """
-
-import importlib
 
 import pytest
 import torch
@@ -27,13 +25,6 @@ from make_tuning_table import tuning_key
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 IMAGE = 1024
-
-
-def _import_backend():
-    try:
-        return importlib.import_module("glcic_fast.kernels.conv2d_bias_act")
-    except ImportError:
-        return importlib.import_module("kernels.conv2d_bias_act")
 
 
 def _layer_inputs(size=IMAGE):
@@ -71,8 +62,6 @@ def _cuda_ms(fn, iters=10):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("spec,size", [pytest.param(s, n, id=f"{s.name}-{n}px") for s, n in LAYERS])
 def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
-    if backend == "triton":
-        _import_backend()  # registers the backend (a source checkout does not import it itself)
     dtype, dev = torch.bfloat16, "cuda"
     g = torch.Generator(device=dev).manual_seed(spec.index)
     x = torch.randn(batch, spec.in_channels, size, size, device=dev, generator=g).to(dtype)

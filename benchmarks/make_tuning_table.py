@@ -6,7 +6,7 @@ the backend that measured fastest.
 
 Input: a pytest-benchmark JSON of benchmarks/bench_conv_layers.py. Each result's extra_info
 names the op ("conv2d_bias_act" or "conv_transpose2d_bias_act"), its tuning key (the one
-glcic_fast.ops.conv builds, see ``tuning_key``), the backend, the batch and the input size.
+glcic_fast.ops.conv2d_bias_act builds, see ``tuning_key``), the backend, the batch and the input size.
 
 Choice: for each (op, tuning key), the configurations (layer, batch, input size) that every
 backend measured for that key are compared; the backend with the smallest total median
@@ -41,7 +41,7 @@ BACKEND_ORDER = ("torch", "cpp", "triton", "cuda")  # glcic_fast.ops.dispatch.BA
 
 def tuning_key(transposed: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
                dilation: int, dtype_name: str) -> str:
-    """The key glcic_fast.ops.conv looks up, e.g. "conv:256:256:k3:s1:d2:bfloat16"
+    """The key glcic_fast.ops.conv2d_bias_act looks up, e.g. "conv:256:256:k3:s1:d2:bfloat16"
     (dtype_name as in str(torch.bfloat16).split('.')[-1])."""
     return (f"{'deconv' if transposed else 'conv'}:{in_channels}:{out_channels}:k{kernel_size}:s{stride}:"
             f"d{dilation}:{dtype_name}")

@@ -1,4 +1,5 @@
-"""The Triton backend of the fused convolution ops (glcic_fast.ops.conv).
+"""The Triton kernel of glcic_fast.ops.conv2d_bias_act and conv_transpose2d_bias_act, and
+its launcher.
 
 One implicit-GEMM kernel over NHWC (channels_last) tensors computes, for every layer of the
 completion net,
@@ -8,9 +9,10 @@ completion net,
 with fp32 accumulation and the whole epilogue fused (no intermediate tensor).
 
 GEMM view. Rows (M) are output pixels n*OH*OW + oh*OW + ow, columns (N) output channels,
-the reduction (K) runs over (kh, kw, cin) in that order. The weight is repacked once into a
-dense [KH*KW*Cin, Cout] matrix (cached, see ``_packed_weight``), so a K slice of it is a plain
-2-d tile. Two ways to walk K, chosen at compile time:
+the reduction (K) runs over (kh, kw, cin) in that order. The weight is repacked into a
+dense [KH*KW*Cin, Cout] matrix (``pack_conv_weight``; the caller keeps the packed weight
+for as long as the weight is unchanged), so a K slice of it is a plain 2-d tile. Two ways
+to walk K, chosen at compile time:
 
 * per tap (Cin a multiple of BLOCK_K: every layer but the first): the loop runs over
   (tap, channel block); the A tile is BLOCK_M pixels x BLOCK_K contiguous channels of one
@@ -23,16 +25,12 @@ Transposed convolutions (GLCIC's 4x4, stride 2, padding 1 deconvs) are never zer
 output pixels oh = s*q + a (phase a in [0, s)) receive only the taps kh = r + s*j with
 r = (a + p) mod s, reading input row q + (a + p) // s - j. Each of the s*s phases is thus a
 dense ceil(K/s) x ceil(K/s) convolution (2x2 for the GLCIC deconvs) with its own slice of
-the repacked weight; one launch covers all phases (phase = grid axis 1).
+the repacked weight (``pack_conv_transpose_weight``); one launch covers all phases
+(phase = grid axis 1).
 
 Output channels are masked (Cout = 3 for the last layer runs in a BLOCK_N >= 32 tile).
 Pixel offsets are int64 from the row index on: batch * H * W * C, and even one image's
 H * W, may pass 2^31.
-
-The kernels are registered as torch custom ops ``glcic_fast::triton_conv2d_bias_act`` and
-``glcic_fast::triton_conv_transpose2d_bias_act`` (torch.library.triton_op, so torch.compile
-and torch.export keep them as single fused ops) and with the dispatcher as backend
-``"triton"``.
 """
 
 import contextlib
@@ -43,17 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
-from glcic_fast.ops import dispatch
-from glcic_fast.ops.weight_cache import PackedWeightCache
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from . import INTERPRET
 
 #: None: follow torch (torch.backends.cuda.matmul.allow_tf32 / fp32_precision == "tf32");
 #: True / False: force TF32 on / off for fp32 inputs. The default torch setting is off, so
 #: fp32 is computed exactly (input_precision="ieee").
 ALLOW_TF32: Optional[bool] = None
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: The input dtypes the kernel computes.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACT_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
 
 
@@ -102,7 +98,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _configs():
-    if _INTERPRET:
+    if INTERPRET:
         return _interpreter_configs()
     if os.environ.get("GLCIC_FAST_TRITON_AUTOTUNE", "1") == "0":
         # One sound config and no tuning: parity tests over many shapes then compile once
@@ -118,7 +114,7 @@ def _autotune_bench_options():
     costs seconds, not minutes. Older Triton without ``do_bench``: its default."""
     import inspect
 
-    if _INTERPRET or "do_bench" not in inspect.signature(triton.autotune).parameters:
+    if INTERPRET or "do_bench" not in inspect.signature(triton.autotune).parameters:
         return {}
 
     def do_bench(kernel_call, quantiles):
@@ -130,7 +126,7 @@ def _autotune_bench_options():
 @triton.autotune(
     configs=_configs(),
     key=["M", "H", "W", "C_out", "C_IN", "KH", "KW", "STRIDE", "PAD", "DIL", "TRANSPOSED"],
-    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_configs},
     **_autotune_bench_options(),
 )
 @triton.jit
@@ -247,16 +243,16 @@ def _conv_gemm_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# Weight repacking, cached
+# Weight repacking
 # --------------------------------------------------------------------------------------
 
-def _pack_conv_weight(weight):
+def pack_conv_weight(weight):
     """(Cout, Cin, KH, KW) -> [1, KH*KW*Cin, Cout], row (kh*KW + kw)*Cin + c."""
     c_out, c_in, kh, kw = weight.shape
     return weight.permute(2, 3, 1, 0).reshape(1, kh * kw * c_in, c_out).contiguous()
 
 
-def _pack_deconv_weight(weight, stride, padding):
+def pack_conv_transpose_weight(weight, stride, padding):
     """(Cin, Cout, K, K) -> [s*s, T*T*Cin, Cout], T = ceil(K/s): phase (a, b), tap (jh, jw)
     holds w[:, :, rh + s*jh, rw + s*jw] with r = (a + p) mod s (zero where that passes K)."""
     c_in, c_out, k, _ = weight.shape
@@ -271,23 +267,8 @@ def _pack_deconv_weight(weight, stride, padding):
     return torch.stack(phases).reshape(s * s, taps * taps * c_in, c_out).contiguous()
 
 
-_WEIGHTS = PackedWeightCache(256)
-clear_weight_cache = _WEIGHTS.clear
-
-
-def _packed_weight(weight, transposed, stride, padding):
-    """The GEMM layout of ``weight``, repacked once per (storage, version, dtype, layout)."""
-    if transposed:
-        return _WEIGHTS.get(weight, lambda w: _pack_deconv_weight(w, stride, padding), True, stride, padding)
-    return _WEIGHTS.get(weight, _pack_conv_weight, False)
-
-
-def _cache_len():
-    return len(_WEIGHTS)
-
-
 # --------------------------------------------------------------------------------------
-# Launchers (with an optional preallocated output: tests poison it)
+# Launcher
 # --------------------------------------------------------------------------------------
 
 def _tf32_enabled():
@@ -299,30 +280,28 @@ def _tf32_enabled():
     return bool(matmul.allow_tf32)
 
 
-def _conv_out_size(size, k, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+def launch(x, packed_weight, bias, post_scale, post_shift, out, *, transposed, kernel_size, stride,
+           padding, dilation, activation):
+    """act(conv(x, w) + bias) [* post_scale + post_shift] into ``out``, which is returned.
 
-
-def _deconv_out_size(size, k, stride, padding, dilation):
-    return (size - 1) * stride - 2 * padding + dilation * (k - 1) + 1
-
-
-def _check_out(out, shape, x):
-    if out is None:
-        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    if tuple(out.shape) != tuple(shape) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {x.dtype} {tuple(shape)} on {x.device}, got {out.dtype} "
+    x: N x Cin x H x W in any memory format (read channels_last); packed_weight:
+    ``pack_conv_weight(w)``, or ``pack_conv_transpose_weight(w, stride, padding)`` when
+    ``transposed`` (then dilation must be 1); bias, post_scale, post_shift: Cout values or
+    None; out: N x Cout x OH x OW, channels_last-contiguous, x's dtype and device. The
+    kernel computes the output pixels out's OH x OW holds (the caller sizes it by the conv
+    arithmetic) and reads no input pixel outside x."""
+    n, c_in, h, w = x.shape
+    c_out = packed_weight.shape[2]
+    if out.shape[:2] != (n, c_out) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {x.dtype} ({n}, {c_out}, OH, OW) on {x.device}, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")
     if not out.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("out must be contiguous in channels_last memory format")
-    return out
-
-
-def _launch(x, packed, bias, post_scale, post_shift, out, *, c_out, taps_h, taps_w, stride,
-            padding, dilation, transposed, activation):
-    n, c_in, h, w = x.shape
+    if transposed and dilation != 1:
+        raise ValueError("the Triton transposed convolution supports dilation 1 only")
     oh, ow = out.shape[2], out.shape[3]
     phases = stride * stride if transposed else 1
+    taps = -(-kernel_size // stride) if transposed else kernel_size
     qh, qw = (-(-oh // stride), -(-ow // stride)) if transposed else (oh, ow)
     m = n * qh * qw
     if m == 0 or c_out == 0 or out.numel() == 0:
@@ -330,178 +309,32 @@ def _launch(x, packed, bias, post_scale, post_shift, out, *, c_out, taps_h, taps
     x = x.contiguous(memory_format=torch.channels_last)
     bias, post_scale, post_shift = (t.contiguous() if t is not None else None
                                     for t in (bias, post_scale, post_shift))
-    dummy = packed  # never read when the matching flag is off
+    dummy = packed_weight  # never read when the matching flag is off
     fp32 = x.dtype == torch.float32
     precision = "ieee" if fp32 and not _tf32_enabled() else "tf32"
-    upcast = _INTERPRET and x.dtype == torch.bfloat16  # the interpreter's dot reads bf16 as integers
+    upcast = INTERPRET and x.dtype == torch.bfloat16  # the interpreter's dot reads bf16 as integers
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), phases)
 
-    # wrap_triton makes the launch traceable inside the triton_op (see _define). Not under the
-    # interpreter: there the op is an opaque custom_op, and older torch (2.11; 2.14 returns
-    # such a kernel unwrapped) wraps an autotuner over an InterpretedFunction too, whose
-    # launch then fails in torch's wrapper (AttributeError: 'function' object has no attribute 'fn').
-    wrap = None if _INTERPRET else getattr(torch.library, "wrap_triton", None)
+    # wrap_triton makes the launch traceable inside a torch.library.triton_op (see
+    # glcic_fast/ops/conv2d_bias_act.py). Not under the interpreter: there the op is an opaque
+    # custom_op, and older torch (2.11; 2.14 returns such a kernel unwrapped) wraps an
+    # autotuner over an InterpretedFunction too, whose launch then fails in torch's wrapper
+    # (AttributeError: 'function' object has no attribute 'fn').
+    wrap = None if INTERPRET else getattr(torch.library, "wrap_triton", None)
     kernel = wrap(_conv_gemm_kernel) if wrap is not None else _conv_gemm_kernel
     # Triton launches on the current CUDA device, whatever device the tensors are on.
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](
-            x, packed,
+            x, packed_weight,
             bias if bias is not None else dummy,
             post_scale if post_scale is not None else dummy,
             post_shift if post_shift is not None else dummy,
             out,
             m, h, w, oh, ow, qh, qw, c_out,
-            c_in, taps_h, taps_w, stride, padding, dilation, transposed,
+            c_in, taps, taps, stride, padding, dilation, transposed,
             bias is not None, _ACT_CODES[activation], post_scale is not None,
             upcast, precision,
         )
     return out
-
-
-def launch_conv2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift,
-                  out=None):
-    """act(conv2d(x, weight) + bias) [* post_scale + post_shift] into ``out`` (allocated
-    channels_last when None). x may be in any memory format."""
-    n, _, h, w = x.shape
-    c_out, _, k, _ = weight.shape
-    shape = (n, c_out, _conv_out_size(h, k, stride, padding, dilation),
-             _conv_out_size(w, k, stride, padding, dilation))
-    out = _check_out(out, shape, x)
-    packed = _packed_weight(weight, False, stride, padding)
-    return _launch(x, packed, bias, post_scale, post_shift, out, c_out=c_out, taps_h=k, taps_w=k,
-                   stride=stride, padding=padding, dilation=dilation, transposed=False,
-                   activation=activation)
-
-
-def launch_conv_transpose2d(x, weight, bias, stride, padding, dilation, activation, post_scale,
-                            post_shift, out=None):
-    """act(conv_transpose2d(x, weight) + bias) [* post_scale + post_shift] as s*s phase convs.
-    Dilation must be 1."""
-    if dilation != 1:
-        raise ValueError("the Triton transposed convolution supports dilation 1 only")
-    n, _, h, w = x.shape
-    _, c_out, k, _ = weight.shape
-    shape = (n, c_out, _deconv_out_size(h, k, stride, padding, 1),
-             _deconv_out_size(w, k, stride, padding, 1))
-    out = _check_out(out, shape, x)
-    packed = _packed_weight(weight, True, stride, padding)
-    taps = -(-k // stride)
-    return _launch(x, packed, bias, post_scale, post_shift, out, c_out=c_out, taps_h=taps,
-                   taps_w=taps, stride=stride, padding=padding, dilation=1, transposed=True,
-                   activation=activation)
-
-
-# --------------------------------------------------------------------------------------
-# torch custom ops
-# --------------------------------------------------------------------------------------
-
-_CONV_OP = "glcic_fast::triton_conv2d_bias_act"
-_DECONV_OP = "glcic_fast::triton_conv_transpose2d_bias_act"
-
-
-def _conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               post_scale: Optional[torch.Tensor], post_shift: Optional[torch.Tensor],
-               stride: int, padding: int, dilation: int, activation: str) -> torch.Tensor:
-    return launch_conv2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift)
-
-
-def _deconv_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 post_scale: Optional[torch.Tensor], post_shift: Optional[torch.Tensor],
-                 stride: int, padding: int, dilation: int, activation: str) -> torch.Tensor:
-    return launch_conv_transpose2d(x, weight, bias, stride, padding, dilation, activation,
-                                   post_scale, post_shift)
-
-
-def _conv_fake(x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation):
-    n, _, h, w = x.shape
-    c_out, _, k, _ = weight.shape
-    return x.new_empty((n, c_out, _conv_out_size(h, k, stride, padding, dilation),
-                        _conv_out_size(w, k, stride, padding, dilation))
-                       ).contiguous(memory_format=torch.channels_last)
-
-
-def _deconv_fake(x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation):
-    n, _, h, w = x.shape
-    _, c_out, k, _ = weight.shape
-    return x.new_empty((n, c_out, _deconv_out_size(h, k, stride, padding, dilation),
-                        _deconv_out_size(w, k, stride, padding, dilation))
-                       ).contiguous(memory_format=torch.channels_last)
-
-
-def _op_exists(qualname):
-    ns, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, ns), name) and torch._C._dispatch_has_kernel(qualname)
-
-
-def _define(qualname, impl, fake):
-    """Register ``impl`` as a custom op once per process (this module may be imported under
-    two names: glcic_fast.kernels.* when installed, kernels.* from a checkout)."""
-    ns, name = qualname.split("::")
-    if _op_exists(qualname):
-        return getattr(getattr(torch.ops, ns), name).default
-    if hasattr(torch.library, "triton_op") and not _INTERPRET:
-        # Traceable: torch.export keeps the op, Inductor sees (and schedules) the kernel;
-        # ``impl`` doubles as the fake kernel (wrap_triton records instead of launching).
-        return torch.library.triton_op(qualname, impl, mutates_args=())
-    # Under the interpreter the kernel is a plain Python function that cannot be traced
-    # (and torch < 2.6 has no triton_op): an opaque custom op with an explicit fake kernel.
-    op = torch.library.custom_op(qualname, impl, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
-conv2d_op = _define(_CONV_OP, _conv_impl, _conv_fake)
-conv_transpose2d_op = _define(_DECONV_OP, _deconv_impl, _deconv_fake)
-
-
-# --------------------------------------------------------------------------------------
-# Dispatcher backend "triton"
-# --------------------------------------------------------------------------------------
-
-def _why_not(transposed, x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
-    if x.device.type != "cuda" and not _INTERPRET:
-        return (f"Triton runs on CUDA tensors (x is on {x.device.type}); set TRITON_INTERPRET=1 "
-                "before triton is imported to run its kernels in the CPU interpreter")
-    if x.dtype not in _DTYPES:
-        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16 are)"
-    tensors = (x, weight, bias, post_scale, post_shift)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return "autograd is recording and the Triton kernels have no backward"
-    if stride < 1:
-        return f"stride {stride} is not supported (it must be at least 1)"
-    if dilation < 1:
-        return f"dilation {dilation} is not supported (it must be at least 1)"
-    if transposed and dilation != 1:
-        return f"transposed convolution with dilation {dilation} is not supported (only 1)"
-    if weight.shape[2] != weight.shape[3]:
-        return "non-square kernels are not supported"
-    _, _, h, w = x.shape
-    k = weight.shape[2]
-    size = _deconv_out_size if transposed else _conv_out_size
-    if size(h, k, stride, padding, dilation) <= 0 or size(w, k, stride, padding, dilation) <= 0:
-        return "the output would be empty (the input is smaller than the kernel)"
-    return None
-
-
-def _why_not_conv(*args):
-    return _why_not(False, *args)
-
-
-def _why_not_deconv(*args):
-    return _why_not(True, *args)
-
-
-def _run_conv(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
-    return torch.ops.glcic_fast.triton_conv2d_bias_act(
-        x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
-
-
-def _run_deconv(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
-    return torch.ops.glcic_fast.triton_conv_transpose2d_bias_act(
-        x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
-
-
-dispatch.register("conv2d_bias_act", "triton", _run_conv, _why_not_conv)
-dispatch.register("conv_transpose2d_bias_act", "triton", _run_deconv, _why_not_deconv)

@@ -1,4 +1,5 @@
-"""The Triton backend of glcic_fast.ops.masked_mse (semantics in glcic_fast/ops/masked_mse.py).
+"""The Triton kernels of glcic_fast.ops.masked_mse (semantics in glcic_fast/ops/masked_mse.py),
+and their launcher.
 
 Two kernels. The first gives each program one tile of BLOCK flat elements of the dense pred
 and target: it writes the gradient 2 * mask^2 * (pred - target) and the tile's partial sums
@@ -7,19 +8,16 @@ in a fixed order and writes the loss and the gradient's scale. No atomics: the r
 bit-identical from call to call.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from glcic_fast.ops import dispatch
+from . import INTERPRET
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 # The interpreter runs a program as numpy operations on whole blocks, with a Python
 # overhead per program: large blocks keep it fast. On a GPU, 4096 elements per program
 # are 16 per thread with 8 warps, enough loads in flight per thread.
-_BLOCK = 1 << 16 if _INTERPRET else 4096
+_BLOCK = 1 << 16 if INTERPRET else 4096
 _FINISH_BLOCK = 1024
 
 # How the mask maps onto pred (see csrc/ops/masked_mse_layout.h).
@@ -79,7 +77,7 @@ def _masked_mse_finish_kernel(partial_loss_ptr, partial_weight_ptr, num_partials
         tl.store(grad_scale_ptr, 1.0)
 
 
-def masked_mse_triton(pred, target, mask, mean):
+def launch(pred, target, mask, mean):
     """(loss, grad, grad_scale) of dense pred, target and mask (as glcic_fast.ops.masked_mse
     passes them: one layout, NCHW or channels_last; an N x 1 x H x W mask contiguous)."""
     numel = pred.numel()
@@ -101,12 +99,3 @@ def masked_mse_triton(pred, target, mask, mean):
     _masked_mse_finish_kernel[(1,)](partials[0], partials[1], num_partials, loss, grad_scale,
                                     MEAN=mean, BLOCK=_FINISH_BLOCK, num_warps=4)
     return loss, grad, grad_scale
-
-
-def _why_not(pred, *args):
-    if pred.device.type == "cuda" or (pred.device.type == "cpu" and _INTERPRET):
-        return None
-    return f"the Triton kernels run CUDA tensors (CPU ones under TRITON_INTERPRET=1), these are on {pred.device}"
-
-
-dispatch.register("masked_mse", "triton", masked_mse_triton, _why_not)

@@ -195,7 +195,7 @@ def _triton_backend_checks_skipped(dispatch, ops):
     for op in ops:
         impl = dispatch._REGISTRY[op]["triton"]
         saved[op] = impl
-        dispatch.register(op, "triton", impl.run, lambda *a, **k: None, automatic=impl.automatic)
+        dispatch.register(op, "triton", impl.run, None, automatic=impl.automatic)
     try:
         yield
     finally:
@@ -250,12 +250,9 @@ def _import_kernels():
         checkout_kernels = os.path.join(os.path.dirname(os.path.dirname(package.origin)), "kernels")
         if os.path.isfile(os.path.join(checkout_kernels, "__init__.py")):
             sys.meta_path.insert(0, _CheckoutKernelsFinder(checkout_kernels))
-    import glcic_fast.ops  # noqa: F401  (registers the backends it can)
+    import glcic_fast.ops  # noqa: F401  (imports the kernels and registers the backends it can)
+    from glcic_fast.kernels import conv2d_bias_act as tk, masked_mse as mk
 
-    try:  # installed package
-        from glcic_fast.kernels import conv2d_bias_act as tk, masked_mse as mk
-    except ImportError:  # source checkout: kernels/ is glcic_fast.kernels only once installed
-        from kernels import conv2d_bias_act as tk, masked_mse as mk
     return tk, mk
 
 
@@ -270,7 +267,7 @@ def record_all(tk, mk, forwards=FORWARDS):
     from glcic_fast.ops import dispatch
 
     for module in (tk, mk):
-        if module._INTERPRET:
+        if module.INTERPRET:
             raise RuntimeError(f"{module.__name__} was imported in interpreter mode")
 
     launches = []

@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-#: torch: plain PyTorch; cpp: the C++ CPU twins in glcic_fast._C; triton: kernels/;
-#: cuda: the CUDA kernels in glcic_fast._C.
+#: torch: plain PyTorch; cpp: the C++ CPU twins in glcic_fast._C; triton: glcic_fast.kernels
+#: (kernels/); cuda: the CUDA kernels in glcic_fast._C.
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 
 # Without a tuning entry, the order tried on each device type. Triton runs on the CPU only
@@ -31,26 +31,32 @@ class BackendUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Implementation:
     run: Callable
-    why_not: Callable[..., Optional[str]]
+    #: None: runs any arguments the op accepts.
+    why_not: Optional[Callable[..., Optional[str]]]
     #: False: taken automatically only where the tuning table (measured on a GPU) names it.
     automatic: bool = True
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
 _TUNING: Optional[dict] = None
-_LOAD_ERRORS: Dict[str, str] = {}
+#: Why an optional backend could not be loaded (glcic_fast.ops.BACKEND_LOAD_ERRORS), quoted
+#: when it is asked for by name.
+LOAD_ERRORS: Dict[str, str] = {}
 
 
-def set_load_errors(errors: Dict[str, str]):
-    """Why optional backends failed to load, quoted when such a backend is asked for."""
-    _LOAD_ERRORS.update(errors)
+def record_load_error(module: str, exc: BaseException, *backends: str):
+    """``module``, which ``backends`` need, did not import. An optional backend must never
+    break the import of the package: the ops then run without it, and say why."""
+    for backend in backends:
+        LOAD_ERRORS.setdefault(backend, f"{module} did not load: {type(exc).__name__}: {exc}")
 
 
-def register(op: str, backend: str, run: Callable, why_not: Callable[..., Optional[str]], *,
+def register(op: str, backend: str, run: Callable, why_not: Optional[Callable[..., Optional[str]]] = None, *,
              automatic: bool = True):
-    """Make ``backend`` able to run ``op``. ``automatic=False`` keeps it out of the automatic
-    choice unless the tuning table names it for the shape: for kernels that cover only
-    some shapes and must earn their place by a measurement."""
+    """Make ``backend`` able to run ``op`` (``why_not=None``: whatever arguments the op
+    accepts). ``automatic=False`` keeps it out of the automatic choice unless the tuning
+    table names it for the shape: for kernels that cover only some shapes and must earn
+    their place by a measurement."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not, automatic)
@@ -97,9 +103,9 @@ def explain(op: str, device: torch.device, *args, backend: Optional[str] = None,
         if impl is None:
             if not requested:  # the automatic order lists backends that only some ops have
                 continue
-            reason = _LOAD_ERRORS.get(name, "not implemented for this op")
+            reason = LOAD_ERRORS.get(name, "not implemented for this op")
         else:
-            reason = impl.why_not(*args, **kwargs)
+            reason = impl.why_not(*args, **kwargs) if impl.why_not is not None else None
             if (reason is None and not requested and not impl.automatic
                     and _preferred(op, device, tuning_key) != name):
                 reason = "taken automatically only where the tuning table measured it fastest"

@@ -17,15 +17,22 @@ anyway.
 The reduction is deterministic: blocks of fixed size write partial sums that a second,
 small reduction adds in a fixed order (no float atomics).
 
-Backends: "torch" (here, the eager formula), "cpp" and "cuda" (glcic_fast._C, see
-extension_backend.py), "triton" (kernels/masked_mse.py).
+Backends: "torch" (the eager formula), "cpp" and "cuda" (``glcic_fast::masked_mse_fwd`` of
+glcic_fast._C: csrc/ops/masked_mse.cpp, csrc/ops/cpu/masked_mse_kernel.cpp,
+csrc/ops/cuda/masked_mse*), "triton" (kernels/masked_mse.py).
 """
 
 from typing import Callable, Optional
 
 import torch
 
-from glcic_fast.ops import dispatch
+from glcic_fast.ops import _extension, dispatch
+
+try:
+    from glcic_fast.kernels import masked_mse as _triton
+except Exception as exc:  # no (working) Triton: the op runs on the other backends
+    _triton = None
+    dispatch.record_load_error("glcic_fast.kernels.masked_mse", exc, "triton")
 
 REDUCTIONS = ("mean", "sum")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -135,8 +142,50 @@ def masked_mse_torch(pred, target, mask, mean):
             torch.where(any_weight, 1.0 / weight_sum, 0.0))
 
 
-def _always(*args):
+dispatch.register("masked_mse", "torch", masked_mse_torch)
+
+
+# Backend "triton": kernels/masked_mse.py.
+
+def _triton_why_not(pred, *args):
+    if pred.device.type == "cuda" or (pred.device.type == "cpu" and _triton.INTERPRET):
+        return None
+    return f"the Triton kernels run CUDA tensors (CPU ones under TRITON_INTERPRET=1), these are on {pred.device}"
+
+
+if _triton is not None:
+    dispatch.register("masked_mse", "triton", _triton.launch, _triton_why_not)
+
+
+# Backends "cpp" and "cuda": glcic_fast::masked_mse_fwd of glcic_fast._C.
+
+def _extension_op(pred, target, mask, mean):
+    return torch.ops.glcic_fast.masked_mse_fwd(pred, target, mask, mean)
+
+
+def _cpp_why_not(pred, *args):
+    if pred.device.type != "cpu":
+        return f"the C++ twins run CPU tensors, these are on {pred.device}"
     return None
 
 
-dispatch.register("masked_mse", "torch", masked_mse_torch, _always)
+_HAS_CUDA_KERNELS = _extension.has_cuda_kernel("masked_mse_fwd")
+
+
+def _cuda_why_not(pred, *args):
+    if not _HAS_CUDA_KERNELS:
+        return _extension.NO_CUDA_SOURCES
+    if pred.device.type != "cuda":
+        return f"the CUDA kernels run CUDA tensors, these are on {pred.device}"
+    return None
+
+
+if _extension.LOADED:
+    @torch.library.register_fake("glcic_fast::masked_mse_fwd")
+    def _masked_mse_fwd_fake(pred, target, mask, mean):
+        scalar = pred.new_empty((), dtype=torch.float32)
+        grad = torch.empty_like(pred, memory_format=dense_memory_format(pred))
+        return scalar, grad, torch.empty_like(scalar)
+
+    dispatch.register("masked_mse", "cpp", _extension_op, _cpp_why_not)
+    dispatch.register("masked_mse", "cuda", _extension_op, _cuda_why_not)

@@ -1,10 +1,10 @@
 """Weights repacked for a kernel, made once and reused while the weight is unchanged.
 
-Shared by the backends whose kernels want weights in their own layout (the Triton conv,
-the CUDA conv). An entry is keyed on the weight's storage address, dtype and layout (plus
-what the caller adds) and checked against the tensor's in-place version counter and a weak
-reference to it, so a changed weight is repacked and a freed weight whose address is reused
-is never mistaken for the cached one.
+The Triton and the CUDA conv (conv2d_bias_act.py) want weights in their own layouts. An
+entry is keyed on the weight's storage address, dtype and layout and on the packing (the
+function and its arguments), and checked against the tensor's in-place version counter and
+a weak reference to it, so a changed weight is repacked and a freed weight whose address is
+reused is never mistaken for the cached one.
 """
 
 import collections
@@ -37,13 +37,13 @@ class PackedWeightCache:
         self._lock = threading.Lock()
         self._entries: "collections.OrderedDict" = collections.OrderedDict()
 
-    def get(self, weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor], *key_extra):
-        """``pack(weight)``, from the cache when ``weight`` is unchanged since it was packed
-        with the same ``key_extra``. Inference and traced tensors are packed every call:
-        they have no usable version counter or address."""
+    def get(self, weight: torch.Tensor, pack: Callable[..., torch.Tensor], *args):
+        """``pack(weight, *args)``, from the cache when ``weight`` is unchanged since it was
+        packed so. Inference and traced tensors are packed every call: they have no usable
+        version counter or address."""
         if is_traced(weight) or weight.is_inference():
-            return pack(weight)
-        key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride()) + key_extra
+            return pack(weight, *args)
+        key = (weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape), weight.stride(), pack) + args
         version = weight._version
         with self._lock:
             entry = self._entries.get(key)
@@ -51,7 +51,12 @@ class PackedWeightCache:
                 self._entries.move_to_end(key)
                 return entry[2]
         with torch.no_grad():
-            packed = pack(weight)
+            packed = pack(weight, *args)
+        if packed.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+            # A view: the weight was already in the kernel's layout, there is nothing to save.
+            # Kept, the view would keep the weight alive (no entry may: the weight then dies,
+            # running ``forget``, wherever the entry is dropped, also under the lock).
+            return packed
 
         def forget(dead_ref, key=key):
             with self._lock:

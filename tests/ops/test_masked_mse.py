@@ -222,7 +222,7 @@ def test_triton_finish_kernel_adds_every_partial(device, num_partials, mean):
     (1024) only for inputs of over 4M elements on a GPU, 67M under the interpreter, so it is
     checked directly here. An all-zero weight sum gives 0, not NaN, for "mean"."""
     km = pytest.importorskip("glcic_fast.kernels.masked_mse")
-    if device == "cpu" and not km._INTERPRET:
+    if device == "cpu" and not km.INTERPRET:
         pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
     g = torch.Generator().manual_seed(num_partials)
     partial_loss = torch.rand(num_partials, generator=g).to(device)
@@ -334,7 +334,7 @@ def test_named_backend_that_cannot_run_raises_backend_unavailable():
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     kernels = pytest.importorskip("glcic_fast.kernels.masked_mse")
-    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     pred, target, mask = _inputs((1, 3, 4, 4))
     with pytest.raises(ops.BackendUnavailable, match="TRITON_INTERPRET=1"):
         ops.masked_mse(pred, target, mask, backend="triton")

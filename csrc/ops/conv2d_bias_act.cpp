@@ -6,7 +6,7 @@
 //
 // x: N x 256 x H x W, float16 or bfloat16, CUDA (any layout: it is made channels_last).
 // packed_weight: [256 cout][3 kh][3 kw][256 cin] as a dense 256 x 2304 matrix in x's dtype,
-//   i.e. weight.permute(0, 2, 3, 1).reshape(256, 2304) (glcic_fast/ops/extension_backend.py
+//   i.e. weight.permute(0, 2, 3, 1).reshape(256, 2304) (glcic_fast/ops/conv2d_bias_act.py
 //   packs and caches it).
 // bias, post_scale, post_shift: 256 values in x's dtype or None (post_scale and post_shift
 //   together). activation: "relu", "sigmoid" or "none".
@@ -16,7 +16,7 @@
 #include <torch/library.h>
 
 #ifdef WITH_CUDA
-#include "ops/cuda/conv3x3_bias_act_kernel.h"
+#include "ops/cuda/conv2d_bias_act_kernel.h"
 #endif
 
 namespace glcic_fast {

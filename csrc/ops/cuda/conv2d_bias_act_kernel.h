@@ -1,6 +1,6 @@
 // Launcher of the implicit-GEMM 3x3 conv kernel behind glcic_fast::conv3x3_bias_act
-// (semantics in ops/conv3x3_bias_act.cpp). Plain C++ over raw pointers, so that
-// conv3x3_bias_act_kernel.cu needs no ATen header and compiles fast.
+// (semantics in ops/conv2d_bias_act.cpp). Plain C++ over raw pointers, so that
+// conv2d_bias_act_kernel.cu needs no ATen header and compiles fast.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,6 +1,6 @@
-// CUDA implementation of glcic_fast::conv3x3_bias_act (semantics in ops/conv3x3_bias_act.cpp):
+// CUDA implementation of glcic_fast::conv3x3_bias_act (semantics in ops/conv2d_bias_act.cpp):
 // argument checks, the channels_last output, the current stream here; the kernel in
-// conv3x3_bias_act_kernel.cu.
+// conv2d_bias_act_kernel.cu.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "ops/cuda/conv3x3_bias_act_kernel.h"
+#include "ops/cuda/conv2d_bias_act_kernel.h"
 
 namespace glcic_fast {
 

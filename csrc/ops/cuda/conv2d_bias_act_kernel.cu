@@ -28,7 +28,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "ops/cuda/conv3x3_bias_act_kernel.h"
+#include "ops/cuda/conv2d_bias_act_kernel.h"
 
 namespace glcic_fast {
 namespace gpu {
