@@ -19,7 +19,7 @@ import torch
 from glcic_fast import ops
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 
-from conftest import provenance, synchronized
+from measure import provenance, synchronized
 from make_tuning_table import tuning_key
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -15,7 +15,7 @@ Run `pytest benchmarks/bench_masked_mse.py --benchmark-only`.
 
 import pytest
 import torch
-from conftest import provenance, synchronized
+from measure import provenance, synchronized
 
 from glcic_fast import ops
 

@@ -26,7 +26,7 @@ from glcic_fast.ops import dispatch
 from glcic_fast.nn.architecture import completion_macs
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
-from conftest import provenance, synchronized
+from measure import provenance, synchronized
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -19,7 +19,7 @@ import torch
 from glcic_fast.nn.completion_net import PLACES2_MEAN_PIXEL
 from glcic_fast.training import Trainer, TrainConfig
 
-from conftest import provenance, synchronized
+from measure import provenance, synchronized
 
 H100_TARGET_S = 0.15
 

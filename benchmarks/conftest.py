@@ -1,39 +1,7 @@
-"""Shared by the benchmarks: the device, provenance for every result, honest CUDA timing."""
-
-import platform
+"""Fixtures shared by the benchmarks (their plain helpers are in measure.py)."""
 
 import pytest
 import torch
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def provenance() -> dict:
-    info = {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
-
-
-def synchronized(fn):
-    """Device work is asynchronous: a timed call must end when the GPU is done."""
-    if not torch.cuda.is_available():
-        return fn
-
-    def run(*args):
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.fixture(scope="session")

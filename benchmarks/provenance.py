@@ -8,7 +8,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import provenance  # noqa: E402
+from measure import provenance  # noqa: E402
 
 
 def main():
