@@ -38,7 +38,10 @@ PLACES2_MEAN_PIXEL = (0.4560, 0.4472, 0.4155)
 
 
 class FusedLayer(NamedTuple):
+    """One layer as the fused op runs it: act(conv(x, weight) + bias) [* post_scale + post_shift]."""
     spec: object
+    #: The epilogue's activation (a name of glcic_fast.ops.conv2d_bias_act's ACTIVATIONS).
+    activation: str
     weight: torch.Tensor
     bias: torch.Tensor
     post_scale: Optional[torch.Tensor]
@@ -115,7 +118,7 @@ class CompletionNet(ReferenceCompletionNet):
             for layer in self.fused_layers(x.dtype, x.device):
                 name = "conv_transpose2d_bias_act" if layer.spec.transposed else "conv2d_bias_act"
                 args = (h, layer.weight, layer.bias, layer.spec.stride, layer.spec.padding, layer.spec.dilation,
-                        layer.spec.activation, layer.post_scale, layer.post_shift)
+                        layer.activation, layer.post_scale, layer.post_shift)
                 chosen, skipped = ops.explain(name, x.device, *args, backend=self.backend)
                 passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
                 lines.append(f"{layer.spec.name}: {chosen or 'none'}{passed_over}")
@@ -166,7 +169,7 @@ class CompletionNet(ReferenceCompletionNet):
                     bias = bias * scale + shift
             cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
             weight = cast(weight).contiguous(memory_format=torch.channels_last)
-            layers.append(FusedLayer(spec, weight, cast(bias), cast(post_scale), cast(post_shift)))
+            layers.append(FusedLayer(spec, spec.activation, weight, cast(bias), cast(post_scale), cast(post_shift)))
         return layers
 
     # -- weights ---------------------------------------------------------------------------
@@ -214,7 +217,7 @@ class CompletionNet(ReferenceCompletionNet):
 def _run_fused_layer(layer: FusedLayer, h: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
     op = ops.conv_transpose2d_bias_act if layer.spec.transposed else ops.conv2d_bias_act
     return op(h, layer.weight, layer.bias, stride=layer.spec.stride, padding=layer.spec.padding,
-              dilation=layer.spec.dilation, activation=layer.spec.activation,
+              dilation=layer.spec.dilation, activation=layer.activation,
               post_scale=layer.post_scale, post_shift=layer.post_shift, backend=backend)
 
 

@@ -35,6 +35,12 @@ def test_eval_fused_matches_reference(bn_after_relu, shape):
                for layer in net.fused_layers(x.dtype, x.device))
 
 
+def test_fused_layers_carry_each_layers_activation():
+    """Readers of fused_layers (exporters) take the epilogue from the layer itself."""
+    layers = CompletionNet().fused_layers(torch.float32, torch.device("cpu"))
+    assert [layer.activation for layer in layers] == ["relu"] * 16 + ["sigmoid"]
+
+
 @pytest.mark.parametrize("bn_after_relu", ORDERS)
 @pytest.mark.parametrize("hw", [(37, 50), (64, 41)])
 def test_complete_any_size_matches_reference(bn_after_relu, hw):
