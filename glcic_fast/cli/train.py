@@ -67,13 +67,49 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
                    help="no TensorBoard events")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start the completion net from these weights (anything glcic_fast.load reads: the authors' "
+                        ".t7 or converted .pth, a GLCIC-PyTorch checkpoint with its config.json beside it, glcic_fast "
+                        ".safetensors) to fine-tune it; the discriminator and optimisers start fresh, the mean pixel "
+                        "is the weights' (unless --mean-pixel), the block order must be theirs (--bn-after-relu for "
+                        "GLCIC-PyTorch's); --phase-steps 0 TD TJ trains a discriminator for it first. A run's "
+                        "checkpoint wins over --init on --resume (which may only repeat the run's own --init)")
+
+    holes = p.add_argument_group(
+        "holes", "The paper's rectangles (--hole-range), or free-form masks for object removal: blobs (filled "
+                 "ellipses) and strokes (thick polylines, DeepFill v2's brush strokes) drawn at the crop's size, "
+                 "each starting outside the hole so far; sizes are fractions of --image-size, counts inclusive "
+                 "ranges. The local discriminator's patch is centred on the hole's bounding box, clipped inside the "
+                 "image; the MSE and the discriminators see the mask itself.")
+    holes.add_argument("--holes", choices=("rect", "free", "mixed"),
+                       help="rect: the paper's rectangles (default); free: free-form masks; mixed: each sample "
+                            "free-form with probability --free-probability, else a rectangle")
+    holes.add_argument("--free-probability", type=float, metavar="P",
+                       help="--holes mixed: probability of a free-form hole (default 0.5)")
+    holes.add_argument("--stroke-count", nargs=2, type=int, metavar=("MIN", "MAX"),
+                       help="strokes per mask (default 1 4)")
+    holes.add_argument("--stroke-vertices", nargs=2, type=int, metavar=("MIN", "MAX"),
+                       help="vertices per stroke, segments = vertices - 1; the direction turns by up to 90 "
+                            "degrees at each (default 4 12)")
+    holes.add_argument("--stroke-width", nargs=2, type=float, metavar=("MIN", "MAX"),
+                       help="stroke width, fraction of the image side (default 0.05 0.15)")
+    holes.add_argument("--stroke-length", nargs=2, type=float, metavar=("MIN", "MAX"),
+                       help="stroke segment length, fraction of the image side (default 0.05 0.25)")
+    holes.add_argument("--blob-count", nargs=2, type=int, metavar=("MIN", "MAX"),
+                       help="blobs (ellipses) per mask, drawn before the strokes (default 0 2)")
+    holes.add_argument("--blob-size", nargs=2, type=float, metavar=("MIN", "MAX"),
+                       help="blob semi-axes, fraction of the image side (default 0.05 0.2)")
+    holes.add_argument("--free-area", nargs=2, type=float, metavar=("MIN", "MAX"),
+                       help="fraction of the image in a free-form hole, always within this range: a piece that "
+                            "would pass MAX is left out, strokes are added while under MIN (default 0.05 0.4)")
 
 
 #: argparse destination -> TrainConfig field, for options given on the command line.
 _FIELDS = ("phase_steps", "batch_size", "image_size", "local_size", "hole_range", "scale_range", "device",
            "checkpoint_every", "keep", "seed", "workers", "alpha", "adversarial", "mse_reduction", "lr",
            "bn_after_relu", "disc_channels", "amp", "precision", "deterministic", "mean_pixel", "mean_images", "log_every",
-           "image_every", "tensorboard", "progress")
+           "image_every", "tensorboard", "progress", "init", "holes", "free_probability", "stroke_count",
+           "stroke_vertices", "stroke_width", "stroke_length", "blob_count", "blob_size", "free_area")
 
 
 def _given(args) -> dict:

@@ -6,7 +6,9 @@ discriminator), resumable, on one device or several (torchrun).
 - ``run``: ``train`` and ``resume_run``, a run step by step;
 - ``run_folder``: the run folder's files, and a new run or the resume of the one there;
 - ``checkpoints``, ``run_log``: what the run writes there;
-- ``data``, ``distributed``: the training data; several processes.
+- ``init_weights``: a run that starts from weights users hold (``--init``);
+- ``data``, ``distributed``: the training data (the paper's rectangles, free-form
+  holes); several processes.
 """
 
 from glcic_fast.training.config import TrainConfig, TrainingError

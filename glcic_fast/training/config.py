@@ -1,13 +1,17 @@
 """A run's settings (``TrainConfig``), which of them define the run, and the error a run
 that cannot start or continue raises. Every other module of the training imports these;
-this one imports none of them but the data's ``Augmentation``."""
+this one imports none of them but the data's ``Augmentation`` and ``FreeFormMasks``."""
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from glcic_fast.nn.discriminator import PAPER_CHANNELS
-from glcic_fast.training.data import Augmentation
+from glcic_fast.training.data import Augmentation, FreeFormMasks
+
+#: The free-form masks' default settings (FreeFormMasks documents them).
+_FREE_FORM = FreeFormMasks()
 
 PHASES = ("completion", "discriminator", "joint")
 ADVERSARIAL_LOSSES = ("non_saturating", "minimax")
@@ -19,6 +23,22 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    """A run's settings (the ``#:`` comments and glcic_fast.training.data document each).
+
+    Holes: ``holes="rect"`` (default) the paper's rectangles, width and height from
+    ``hole_range``; ``"free"`` free-form masks for object removal, random blobs and
+    strokes (data.FreeFormMasks: ``stroke_count`` strokes of ``stroke_vertices``
+    vertices, ``stroke_width`` wide, segments ``stroke_length`` long; ``blob_count``
+    ellipses of semi-axes ``blob_size``; sizes are fractions of ``image_size``, counts
+    inclusive ranges, and the hole always covers a fraction of the image within
+    ``free_area``); ``"mixed"`` each sample free-form with probability
+    ``free_probability``, else a rectangle. The local discriminator's patch is centred
+    on the hole (a free-form hole's bounding box) and clipped inside the image; the
+    MSE and the completed image the discriminator sees use the mask itself.
+
+    ``init``: weights to start the completion net from (glcic_fast.training.init_weights
+    says what is taken from them and what starts fresh).
+    """
     data: str
     out: str
     #: Steps of the three phases (Tc, Td, joint); the paper: 90000, 10000, 400000.
@@ -63,6 +83,23 @@ class TrainConfig:
     mean_pixel: Optional[Tuple[float, float, float]] = None
     #: Compute the mean pixel over a seeded random subset of this many images.
     mean_images: Optional[int] = None
+    #: "rect" (paper), "free" (free-form strokes and blobs) or "mixed".
+    holes: str = "rect"
+    #: "mixed": the probability that a sample's hole is free-form.
+    free_probability: float = 0.5
+    #: Free-form masks: strokes and blobs per mask (inclusive ranges), vertices per stroke.
+    stroke_count: Tuple[int, int] = _FREE_FORM.stroke_count
+    stroke_vertices: Tuple[int, int] = _FREE_FORM.stroke_vertices
+    #: Free-form masks: stroke widths, segment lengths, blob semi-axes, as fractions of image_size.
+    stroke_width: Tuple[float, float] = _FREE_FORM.stroke_width
+    stroke_length: Tuple[float, float] = _FREE_FORM.stroke_length
+    blob_count: Tuple[int, int] = _FREE_FORM.blob_count
+    blob_size: Tuple[float, float] = _FREE_FORM.blob_size
+    #: Free-form masks: the fraction of the image in the hole, always within this range.
+    free_area: Tuple[float, float] = _FREE_FORM.area
+    #: Weights to start the completion net from (any file glcic_fast.load reads), kept
+    #: as an absolute path; None: random weights from the seed.
+    init: Optional[str] = None
 
     def __post_init__(self):
         self.phase_steps = tuple(int(v) for v in self.phase_steps)
@@ -72,6 +109,13 @@ class TrainConfig:
             self.scale_range = tuple(int(v) for v in self.scale_range)
         if self.mean_pixel is not None:
             self.mean_pixel = tuple(float(v) for v in self.mean_pixel)
+        for name in ("stroke_count", "stroke_vertices", "blob_count"):
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name in ("stroke_width", "stroke_length", "blob_size", "free_area"):
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        self.free_probability = float(self.free_probability)
+        if self.init is not None:
+            self.init = os.path.abspath(os.fspath(self.init))
         if len(self.phase_steps) != 3 or any(v < 0 for v in self.phase_steps):
             raise ValueError(f"phase_steps must be three non-negative step counts, got {self.phase_steps}")
         if self.adversarial not in ADVERSARIAL_LOSSES:
@@ -96,7 +140,11 @@ class TrainConfig:
         return sum(self.phase_steps)
 
     def augmentation(self) -> Augmentation:
-        return Augmentation(self.image_size, self.local_size, self.hole_range, self.scale_range)
+        free_form = FreeFormMasks(stroke_count=self.stroke_count, stroke_vertices=self.stroke_vertices,
+                                  stroke_width=self.stroke_width, stroke_length=self.stroke_length,
+                                  blob_count=self.blob_count, blob_size=self.blob_size, area=self.free_area)
+        return Augmentation(self.image_size, self.local_size, self.hole_range, self.scale_range, holes=self.holes,
+                            free_probability=self.free_probability, free_form=free_form)
 
     def phase(self, step: int) -> str:
         tc, td, _ = self.phase_steps
@@ -109,7 +157,9 @@ class TrainConfig:
 #: Settings a resumed run must share with the checkpoint for the resume to continue the
 #: same run (data, losses, optimiser, nets). The others may change between sessions.
 RUN_DEFINING = ("batch_size", "image_size", "local_size", "hole_range", "scale_range", "alpha", "adversarial",
-                "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "disc_channels", "seed", "precision")
+                "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "disc_channels", "seed", "precision",
+                "holes", "free_probability", "stroke_count", "stroke_vertices", "stroke_width", "stroke_length",
+                "blob_count", "blob_size", "free_area", "init")
 
 
 def check_same_run(saved: dict, cfg: TrainConfig, done: int):

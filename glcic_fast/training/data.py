@@ -10,12 +10,20 @@ list, step), not on the number of processes or data-loader workers, and resuming
 step needs no sampler state beyond the step itself (the checkpoint records epoch and
 position too, for people reading it).
 
+The holes (``Augmentation.holes``): the paper's rectangles (``"rect"``), free-form
+strokes and blobs for object removal (``"free"``, ``FreeFormMasks``), or each sample one
+or the other (``"mixed"``). Free-form masks are drawn here, in the data workers, from the
+sample's own random stream like every other choice: a function of (seed, epoch, index).
+
 A sample is a dict of tensors:
 
 - ``image``: uint8, 3 x S x S (RGB), the random crop of the randomly rescaled image;
-- ``hole``: int64 [y, x, h, w], the hole (the mask is built on the device, ``hole_mask``);
+- ``hole``: int64 [y, x, h, w], the rectangle, or a free-form hole's bounding box;
+- ``mask``: uint8, 1 x S x S, 1 in the hole; only where the holes are not all rectangles
+  (a rectangles-only run builds its masks on the device from ``hole``: ``hole_mask``);
 - ``local_fake``: int64 [y, x], top-left corner of the local discriminator's L x L patch
-  for the completed image: centred on the hole, clipped inside the image;
+  for the completed image: centred on the hole (a free-form hole's bounding box),
+  clipped inside the image;
 - ``local_real``: int64 [y, x], a uniformly random patch corner for the real image;
 - ``epoch``, ``index``: where the sample came from.
 
@@ -25,9 +33,10 @@ net's input convention with the data set's mean pixel (``compute_mean_pixel``).
 
 import hashlib
 import logging
+import math
 import os
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -84,16 +93,199 @@ def read_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
+HOLE_KINDS = ("rect", "free", "mixed")
+#: The largest turn of a free-form stroke's direction at a vertex, either way.
+STROKE_MAX_TURN = math.pi / 2
+
+
+def _as_range(name: str, value, kind, low, high) -> tuple:
+    """``value`` as an inclusive (min, max) of ``kind`` within [low, high], or ValueError."""
+    pair = tuple(kind(v) for v in value)
+    if len(pair) != 2 or not low <= pair[0] <= pair[1] <= high:
+        raise ValueError(f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {tuple(value)}")
+    return pair
+
+
+@dataclass(frozen=True)
+class FreeFormMasks:
+    """Free-form holes, for object removal: random blobs and strokes drawn with OpenCV at
+    the crop's resolution S. Counts are inclusive ranges; sizes are fractions of S, so
+    the same settings fit every image size; the area is a fraction of the S x S image.
+
+    - ``blob_count`` blobs: filled ellipses, each semi-axis drawn from ``blob_size``, at
+      any rotation;
+    - then ``stroke_count`` strokes, DeepFill v2's brush strokes (Yu et al., ICCV 2019)
+      in sizes relative to the image: thick polylines of ``stroke_vertices`` vertices
+      (vertices - 1 segments), one width from ``stroke_width`` per stroke, each segment's
+      length from ``stroke_length``, the direction turning by up to 90 degrees either way
+      at each vertex; vertices stay inside the image;
+    - each blob and stroke starts on a pixel not yet in the hole;
+    - the hole covers a fraction of the image within ``area``, always: a piece (a blob,
+      or one segment of a stroke) that would take it over the maximum is left out (the
+      stroke ends there), and while it is under the minimum more strokes are drawn. The
+      range must be wider than the largest piece can be (checked), so that the minimum
+      is always reached without passing the maximum. A blob's pixels form one connected
+      region, and so do a stroke's.
+    """
+    stroke_count: Tuple[int, int] = (1, 4)
+    stroke_vertices: Tuple[int, int] = (4, 12)
+    stroke_width: Tuple[float, float] = (0.05, 0.15)
+    stroke_length: Tuple[float, float] = (0.05, 0.25)
+    blob_count: Tuple[int, int] = (0, 2)
+    blob_size: Tuple[float, float] = (0.05, 0.2)
+    area: Tuple[float, float] = (0.05, 0.4)
+
+    def __post_init__(self):
+        for name, kind, low, high in (("stroke_count", int, 0, math.inf), ("stroke_vertices", int, 2, math.inf),
+                                      ("stroke_width", float, 0.0, 1.0), ("stroke_length", float, 0.0, math.inf),
+                                      ("blob_count", int, 0, math.inf), ("blob_size", float, 0.0, 1.0),
+                                      ("area", float, 0.0, 1.0)):
+            object.__setattr__(self, name, _as_range(name, getattr(self, name), kind, low, high))
+        if not (0 < self.area[0] and self.area[1] < 1):
+            raise ValueError(f"area must lie strictly between 0 and 1 (a hole that is empty or the whole image "
+                             f"teaches nothing), got {self.area}")
+
+    def pixel_area(self, size: int) -> Tuple[int, int]:
+        """(min, max) pixels in the hole of an S x S image."""
+        return math.ceil(self.area[0] * size * size), math.floor(self.area[1] * size * size)
+
+    def largest_piece(self, size: int) -> int:
+        """An upper bound on the pixels of one piece at image side ``size``: a stroke's
+        segment (length, plus rounding, plus its round caps, by its width, with a margin
+        for the raster) or a blob."""
+        width, length = _pixels(self.stroke_width[1], size), self.stroke_length[1] * size + 1
+        segment = (length + width + 3) * (width + 3)
+        axis = _pixels(self.blob_size[1], size)
+        blob = math.pi * (axis + 2) ** 2 if self.blob_count[1] else 0
+        return math.ceil(max(segment, blob))
+
+    def check(self, size: int):
+        """ValueError unless masks of side ``size`` can always be drawn as documented."""
+        lo, hi = self.pixel_area(size)
+        if lo < 1 or hi - lo < self.largest_piece(size):
+            raise ValueError(
+                f"free-form area {self.area} of a {size} x {size} image is {lo}-{hi} pixels: it must be at least "
+                f"1 pixel and wider than the largest piece, up to {self.largest_piece(size)} pixels (a blob of "
+                f"semi-axis {self.blob_size[1]} or a stroke segment of width {self.stroke_width[1]} and length "
+                f"{self.stroke_length[1]}): widen the area range or make the strokes and blobs smaller")
+
+
+def _pixels(fraction: float, size: int) -> int:
+    """A stroke's width or a blob's semi-axis in pixels: at least one."""
+    return max(1, round(fraction * size))
+
+
+class _Hole:
+    """A free-form hole being drawn: pieces are added while the hole stays within its
+    largest area."""
+
+    def __init__(self, size: int, max_pixels: int):
+        self.mask = np.zeros((size, size), np.uint8)
+        self.pixels, self.max_pixels = 0, max_pixels
+
+    def add(self, draw) -> bool:
+        """Draw a piece (``draw(canvas)``) if the hole then has at most its largest area."""
+        import cv2
+
+        canvas = self.mask.copy()
+        draw(canvas)
+        pixels = cv2.countNonZero(canvas)
+        if pixels > self.max_pixels:
+            return False
+        self.mask, self.pixels = canvas, pixels
+        return True
+
+    def start_point(self, rng: np.random.Generator) -> Tuple[int, int]:
+        """(x, y) of a uniformly random pixel not yet in the hole: random pixels until one
+        is outside (fewer than 1 / (1 - largest area) draws on average)."""
+        size = self.mask.shape[0]
+        while True:
+            y, x = (int(v) for v in rng.integers(0, size, 2))
+            if not self.mask[y, x]:
+                return x, y
+
+
+def _draw_blob(hole: _Hole, settings: FreeFormMasks, rng: np.random.Generator):
+    import cv2
+
+    size = hole.mask.shape[0]
+    centre = hole.start_point(rng)
+    axes = tuple(_pixels(rng.uniform(*settings.blob_size), size) for _ in range(2))
+    angle = rng.uniform(0, 180)
+    hole.add(lambda m: cv2.ellipse(m, centre, axes, angle, 0, 360, 1, thickness=-1))
+
+
+def _draw_stroke(hole: _Hole, settings: FreeFormMasks, rng: np.random.Generator):
+    import cv2
+
+    size = hole.mask.shape[0]
+    width = _pixels(rng.uniform(*settings.stroke_width), size)
+    vertices = int(rng.integers(settings.stroke_vertices[0], settings.stroke_vertices[1], endpoint=True))
+    x, y = hole.start_point(rng)
+    direction = rng.uniform(0, 2 * math.pi)
+    for _ in range(vertices - 1):
+        length = rng.uniform(*settings.stroke_length) * size
+        nx = min(max(int(round(x + length * math.cos(direction))), 0), size - 1)
+        ny = min(max(int(round(y + length * math.sin(direction))), 0), size - 1)
+        start, end = (x, y), (nx, ny)
+        if not hole.add(lambda m: cv2.line(m, start, end, 1, thickness=width)):
+            return
+        x, y = nx, ny
+        direction += rng.uniform(-STROKE_MAX_TURN, STROKE_MAX_TURN)
+
+
+def draw_free_form(size: int, settings: FreeFormMasks, rng: np.random.Generator) -> np.ndarray:
+    """A size x size uint8 free-form mask (1 = hole) drawn with ``rng`` as ``settings``
+    documents (``settings.check(size)`` must hold)."""
+    lo, hi = settings.pixel_area(size)
+    hole = _Hole(size, hi)
+    blobs = int(rng.integers(settings.blob_count[0], settings.blob_count[1], endpoint=True))
+    strokes = int(rng.integers(settings.stroke_count[0], settings.stroke_count[1], endpoint=True))
+    for _ in range(blobs):
+        _draw_blob(hole, settings, rng)
+    for _ in range(strokes):
+        _draw_stroke(hole, settings, rng)
+    # Each new stroke's first segment covers its uncovered start pixel and fits (check()),
+    # so every round adds at least one pixel.
+    while hole.pixels < lo:
+        _draw_stroke(hole, settings, rng)
+    return hole.mask
+
+
+def mask_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
+    """[y, x, h, w] of the bounding box of a mask's non-zero pixels."""
+    import cv2
+
+    x, y, w, h = cv2.boundingRect(mask)
+    return y, x, h, w
+
+
+def rect_mask(box: Tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The size x size uint8 mask of the rectangle [y, x, h, w]."""
+    y, x, h, w = box
+    mask = np.zeros((size, size), np.uint8)
+    mask[y:y + h, x:x + w] = 1
+    return mask
+
+
 @dataclass(frozen=True)
 class Augmentation:
-    """Sizes of the paper's augmentation; all in pixels, ranges inclusive.
+    """Sizes of the paper's augmentation and the kind of hole; sizes in pixels, ranges
+    inclusive.
 
     Paper: ``image_size`` 256, ``scale_range`` (256, 384) for the shorter side,
-    ``hole_range`` (96, 128) for the hole's width and height, ``local_size`` 128."""
+    ``hole_range`` (96, 128) for the hole's width and height, ``local_size`` 128.
+
+    ``holes``: ``"rect"`` the paper's rectangles; ``"free"`` free-form masks
+    (``free_form``); ``"mixed"`` each sample free-form with probability
+    ``free_probability``, else a rectangle."""
     image_size: int = 256
     local_size: int = 128
     hole_range: Tuple[int, int] = (96, 128)
     scale_range: Optional[Tuple[int, int]] = None  # default (S, 1.5 S)
+    holes: str = "rect"
+    free_probability: float = 0.5
+    free_form: FreeFormMasks = field(default_factory=FreeFormMasks)
 
     def __post_init__(self):
         s, lo = self.image_size, self.local_size
@@ -111,11 +303,39 @@ class Augmentation:
             raise ValueError(f"hole_range must satisfy 1 <= min <= max <= image_size={s}, got {self.hole_range}")
         if not s <= smin <= smax:
             raise ValueError(f"scale_range must satisfy image_size={s} <= min <= max, got {self.scale_range}")
+        if self.holes not in HOLE_KINDS:
+            raise ValueError(f"holes must be one of {HOLE_KINDS}, got {self.holes!r}")
+        if not 0 <= self.free_probability <= 1:
+            raise ValueError(f"free_probability must be in [0, 1], got {self.free_probability}")
+        if self.holes != "rect":
+            self.free_form.check(s)
 
 
-def sample_geometry(aug: Augmentation, height: int, width: int, rng: np.random.Generator):
+class Geometry(NamedTuple):
+    """One sample's random choices (see ``sample_geometry``)."""
+    #: (h, w) of the rescaled image, and the crop's top-left corner (y, x) in it.
+    resized: Tuple[int, int]
+    crop: Tuple[int, int]
+    #: The hole: a rectangle [y, x, h, w], or a free-form hole's bounding box.
+    hole: Tuple[int, int, int, int]
+    #: S x S uint8 mask (1 = hole) where ``holes`` is not "rect"; None there.
+    mask: Optional[np.ndarray]
+    #: Top-left corners (y, x) of the local patches: centred on the hole, and random.
+    local_fake: Tuple[int, int]
+    local_real: Tuple[int, int]
+
+
+def centred_patch(box: Tuple[int, int, int, int], size: int, local: int) -> Tuple[int, int]:
+    """The corner (y, x) of the local x local patch centred on the box [y, x, h, w],
+    clipped inside the size x size image."""
+    y, x, h, w = box
+    return min(max(y + h // 2 - local // 2, 0), size - local), min(max(x + w // 2 - local // 2, 0), size - local)
+
+
+def sample_geometry(aug: Augmentation, height: int, width: int, rng: np.random.Generator) -> Geometry:
     """The random choices for one image of ``height`` x ``width``, in a fixed order:
-    (resized h, w), crop corner, hole [y, x, h, w], fake and real local-patch corners."""
+    rescaled size, crop corner, the hole (for "mixed" first whether it is free-form),
+    the real local patch's corner."""
     s, lo = aug.image_size, aug.local_size
     short = int(rng.integers(aug.scale_range[0], aug.scale_range[1], endpoint=True))
     if height <= width:
@@ -124,16 +344,21 @@ def sample_geometry(aug: Augmentation, height: int, width: int, rng: np.random.G
         rh, rw = max(s, int(round(height * short / width))), short
     cy = int(rng.integers(0, rh - s, endpoint=True))
     cx = int(rng.integers(0, rw - s, endpoint=True))
-    hh = int(rng.integers(aug.hole_range[0], aug.hole_range[1], endpoint=True))
-    hw = int(rng.integers(aug.hole_range[0], aug.hole_range[1], endpoint=True))
-    hy = int(rng.integers(0, s - hh, endpoint=True))
-    hx = int(rng.integers(0, s - hw, endpoint=True))
-    # The local patch for the completed image: centred on the hole, clipped inside.
-    fy = min(max(hy + hh // 2 - lo // 2, 0), s - lo)
-    fx = min(max(hx + hw // 2 - lo // 2, 0), s - lo)
+    free = aug.holes == "free" or (aug.holes == "mixed" and rng.random() < aug.free_probability)
+    if free:
+        mask = draw_free_form(s, aug.free_form, rng)
+        hole = mask_box(mask)
+    else:
+        hh = int(rng.integers(aug.hole_range[0], aug.hole_range[1], endpoint=True))
+        hw = int(rng.integers(aug.hole_range[0], aug.hole_range[1], endpoint=True))
+        hy = int(rng.integers(0, s - hh, endpoint=True))
+        hx = int(rng.integers(0, s - hw, endpoint=True))
+        hole = (hy, hx, hh, hw)
+        # Rectangles-only runs send the rectangle alone; in "mixed" every sample has a mask.
+        mask = rect_mask(hole, s) if aug.holes == "mixed" else None
     ry = int(rng.integers(0, s - lo, endpoint=True))
     rx = int(rng.integers(0, s - lo, endpoint=True))
-    return (rh, rw), (cy, cx), (hy, hx, hh, hw), (fy, fx), (ry, rx)
+    return Geometry((rh, rw), (cy, cx), hole, mask, centred_patch(hole, s, lo), (ry, rx))
 
 
 class ImageFolder(Dataset):
@@ -181,17 +406,21 @@ class ImageFolder(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.files)} images")
         image = self._read(index)
         rng = np.random.default_rng([_SAMPLE_STREAM, self.seed, epoch, index])
-        (rh, rw), (cy, cx), hole, fake, real = sample_geometry(self.aug, image.shape[0], image.shape[1], rng)
+        geometry = sample_geometry(self.aug, image.shape[0], image.shape[1], rng)
+        (rh, rw), (cy, cx) = geometry.resized, geometry.crop
         shrink = rh * rw < image.shape[0] * image.shape[1]
         image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         s = self.aug.image_size
         crop = np.ascontiguousarray(image[cy:cy + s, cx:cx + s].transpose(2, 0, 1))
-        return {"image": torch.from_numpy(crop),
-                "hole": torch.tensor(hole, dtype=torch.int64),
-                "local_fake": torch.tensor(fake, dtype=torch.int64),
-                "local_real": torch.tensor(real, dtype=torch.int64),
-                "epoch": torch.tensor(epoch, dtype=torch.int64),
-                "index": torch.tensor(index, dtype=torch.int64)}
+        sample = {"image": torch.from_numpy(crop),
+                  "hole": torch.tensor(geometry.hole, dtype=torch.int64),
+                  "local_fake": torch.tensor(geometry.local_fake, dtype=torch.int64),
+                  "local_real": torch.tensor(geometry.local_real, dtype=torch.int64),
+                  "epoch": torch.tensor(epoch, dtype=torch.int64),
+                  "index": torch.tensor(index, dtype=torch.int64)}
+        if geometry.mask is not None:
+            sample["mask"] = torch.from_numpy(geometry.mask[None])
+        return sample
 
 
 def worker_init(_worker_id: int):

@@ -8,6 +8,8 @@ torch and CUDA random states, the mean pixel and the config. They are written at
 (temporary file in the run folder, fsync, ``os.replace``); the newest ``keep`` are kept.
 Resuming from a checkpoint reproduces the uninterrupted run bit for bit where the
 kernels are deterministic (on the CPU; on CUDA with ``deterministic=True``).
+
+A new run with ``init`` starts its completion net from those weights (init_weights.py).
 """
 
 import contextlib
@@ -31,6 +33,7 @@ from glcic_fast.training.config import TrainConfig, TrainingError, check_same_ru
 from glcic_fast.training.data import (ImageFolder, StepBatchSampler, compute_mean_pixel, files_digest,
                                       stream_position, worker_init)
 from glcic_fast.training.distributed import is_distributed, process_group, rank_and_world
+from glcic_fast.training.init_weights import InitialWeights, load_initial_weights
 from glcic_fast.training.run_folder import (IMAGES_FILE, WEIGHTS_FILE, RunStart, open_run, prepare_folder,
                                             write_config_file)
 from glcic_fast.training.run_log import RunLog
@@ -65,16 +68,22 @@ def _run(cfg: TrainConfig, start: RunStart) -> dict:
     device = _set_up_device(cfg)
     if start.saved_config is not None:
         check_same_run(start.saved_config, cfg, start.step)
-    data = _prepare_data(cfg, start, device)
-    record = dict(cfg.to_dict(), mean_pixel=list(data.mean_pixel))  # the config as the run keeps it
+    # The weights to start from: read for a new run only (a checkpoint holds the run's own).
+    init = load_initial_weights(cfg) if start.state is None else None
+    data = _prepare_data(cfg, start, device, init)
+    # The config as the run keeps it, with where its initial weights came from.
+    init_record = init.record if init is not None else (start.saved_config or {}).get("init_weights")
+    record = dict(cfg.to_dict(), mean_pixel=list(data.mean_pixel), init_weights=init_record)
     if rank == 0 and start.state is None:
         write_config_file(cfg, record, len(data.dataset), data.digest, world)
-    trainer = _build_trainer(cfg, start, data.mean_pixel, device)
+    trainer = _build_trainer(cfg, start, data.mean_pixel, device, init)
     out = RunLog(cfg, cfg.out, trainer.step, enabled=rank == 0)
     try:
         if start.state is not None:
             at = cfg.phase(trainer.step) if trainer.step < cfg.total_steps else "done"
             out.write(f"resumed from {start.checkpoint} at step {trainer.step} ({at})")
+        elif init is not None:
+            out.write(f"completion net from {init.record['weights']}; discriminator and optimisers fresh")
         loader = _data_loader(cfg, data.dataset, trainer.step, device)
         checkpoints = _Checkpointer(cfg, trainer, record, data, device, last=start.checkpoint)
         with _StopSignals(device) as stop:
@@ -110,19 +119,20 @@ class _Data:
     mean_pixel: List[float]
 
 
-def _prepare_data(cfg: TrainConfig, start: RunStart, device: torch.device) -> _Data:
+def _prepare_data(cfg: TrainConfig, start: RunStart, device: torch.device, init: Optional[InitialWeights]) -> _Data:
     """The run's images (its image list, the one the checkpoint saw) and mean pixel."""
     files = prepare_folder(cfg.out, cfg.data)
     digest = files_digest(files)
     if start.state is not None and start.state["data"]["files_digest"] != digest:
         raise TrainingError(f"{os.path.join(cfg.out, IMAGES_FILE)} does not match the checkpoint's image list")
     dataset = ImageFolder(cfg.data, cfg.augmentation(), cfg.seed, files=files)
-    return _Data(dataset, digest, _mean_pixel(cfg, start, dataset, device))
+    return _Data(dataset, digest, _mean_pixel(cfg, start, dataset, device, init))
 
 
-def _mean_pixel(cfg: TrainConfig, start: RunStart, dataset: ImageFolder, device: torch.device) -> List[float]:
-    """The checkpoint's, the run's, the one given, or computed now (once, each process
-    reading its share of the images)."""
+def _mean_pixel(cfg: TrainConfig, start: RunStart, dataset: ImageFolder, device: torch.device,
+                init: Optional[InitialWeights]) -> List[float]:
+    """The checkpoint's, the run's, the one given, the initial weights', or computed now
+    (once, each process reading its share of the images)."""
     rank, world = rank_and_world()
     if start.state is not None:
         mean = start.state["mean_pixel"]
@@ -130,6 +140,8 @@ def _mean_pixel(cfg: TrainConfig, start: RunStart, dataset: ImageFolder, device:
         mean = start.saved_config["mean_pixel"]
     elif cfg.mean_pixel is not None:
         mean = list(cfg.mean_pixel)
+    elif init is not None:
+        mean = init.mean_pixel
     else:
         def reduce(t):
             if is_distributed():
@@ -158,13 +170,17 @@ def _data_loader(cfg: TrainConfig, dataset: ImageFolder, start_step: int, device
 
 # -- the trainer ------------------------------------------------------------------------------------
 
-def _build_trainer(cfg: TrainConfig, start: RunStart, mean_pixel: List[float], device: torch.device) -> Trainer:
-    """Both nets from the seed, or as the checkpoint has them with this process's random
-    states (seeded otherwise: the nets' initial weights come from torch's; the data use
-    their own streams)."""
+def _build_trainer(cfg: TrainConfig, start: RunStart, mean_pixel: List[float], device: torch.device,
+                   init: Optional[InitialWeights]) -> Trainer:
+    """Both nets from the seed (the completion net then from the initial weights, where
+    there are some), or as the checkpoint has them with this process's random states
+    (seeded otherwise: the nets' initial weights come from torch's; the data use their
+    own streams)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     trainer = Trainer(cfg, mean_pixel, device)
+    if init is not None:
+        trainer.completion.load_state_dict(init.state)
     if start.state is not None:
         trainer.load_state_dict(start.state)
         rank, world = rank_and_world()

@@ -23,6 +23,10 @@ Choices the paper leaves open, made here (all in ``TrainConfig``):
   ``minimax`` log(1 - D).
 - D ends in a logit; sigmoid(logit) is the paper's probability (see discriminator.py).
   The losses use BCE-with-logits, which stays finite when D is confident.
+- The hole is the batch's mask, pixel by pixel: a rectangle (built on the device from
+  its corners) or a free-form mask (drawn by the data workers). The MSE, C's input and
+  the completed image D sees all use that mask; the local patch D sees of the completed
+  image is centred on the hole (a free-form hole's bounding box, glcic_fast.training.data).
 - "Fixed" means fixed: where a net is not trained (C in the discriminator phase; D while
   C is updated in the joint phase) it runs in training mode (batch statistics, as the
   net being trained sees it) but neither its parameters nor its BatchNorm running
@@ -136,11 +140,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def prepare_batch(self, batch: dict):
-        """(x in [0, 1], hole mask, fake-patch corners, real-patch corners) on the device."""
+        """(x in [0, 1], hole mask, fake-patch corners, real-patch corners) on the device.
+        The mask is the batch's own (free-form holes: drawn by the data workers), or built
+        here from the rectangles' corners (rectangles only: nothing more to copy)."""
         dev, s = self.device, self.config.image_size
         x = batch["image"].to(dev, non_blocking=True).to(self.dtype).div_(255)
         x = x.contiguous(memory_format=self.memory_format)
-        mask = hole_mask(batch["hole"].to(dev, non_blocking=True), s, self.dtype)
+        if "mask" in batch:
+            mask = batch["mask"].to(dev, non_blocking=True).to(self.dtype)
+        else:
+            mask = hole_mask(batch["hole"].to(dev, non_blocking=True), s, self.dtype)
         mask = mask.contiguous(memory_format=self.memory_format)
         return x, mask, batch["local_fake"].to(dev, non_blocking=True), batch["local_real"].to(dev, non_blocking=True)
 

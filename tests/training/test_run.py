@@ -1,6 +1,6 @@
-"""Training runs: the command line's runs (uninterrupted, killed and resumed, two-process
-DDP, started together in a module fixture so that they overlap), the run folder's rules,
-resuming, stopping on a signal, the command line's options."""
+"""Training runs: the command line's runs (uninterrupted, killed and resumed, for each kind
+of hole; two-process DDP; started together in a module fixture so that they overlap), the
+run folder's rules, resuming, stopping on a signal, the command line's options."""
 
 import csv
 import os
@@ -18,7 +18,7 @@ from glcic_fast import load
 from glcic_fast.cli import build_parser
 from glcic_fast.cli.train import config_from_args
 from glcic_fast.training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
-from glcic_fast.training.config import TrainingError
+from glcic_fast.training.config import TrainConfig, TrainingError
 from glcic_fast.training.run import train
 from glcic_fast.training.trainer import Trainer
 
@@ -76,31 +76,39 @@ def _kill_after_checkpoint(proc, out, step, report):
     proc.wait()
 
 
+HOLES = ("rect", "free", "mixed")
+
+
 @pytest.fixture(scope="module")
 def cli_runs(photos, tmp_path_factory):
-    """An uninterrupted run, a run killed once its step-4 checkpoint exists, and a float64
-    run with 1 and with 2 processes (DDP), all started now."""
+    """For each kind of hole an uninterrupted run and a run killed once its step-4
+    checkpoint exists; a float64 run with 1 and with 2 processes (DDP); all started now."""
     import threading
 
     base = tmp_path_factory.mktemp("runs")
-    runs = {name: str(base / name) for name in ("reference", "killed", "reference64", "ddp64")}
+    names = [f"{kind}-{holes}" for holes in HOLES for kind in ("reference", "killed")] + ["reference64", "ddp64"]
+    runs = {name: str(base / name) for name in names}
     port = _free_port()
-    procs = {"reference": _cli(photos, runs["reference"]), "killed": _cli(photos, runs["killed"]),
-             "reference64": _cli(photos, runs["reference64"], "--precision", "float64")}
-    report = {"killed": False}
-    watcher = threading.Thread(target=_kill_after_checkpoint, args=(procs["killed"], runs["killed"], 4, report))
-    watcher.start()
-    procs["kill_report"], procs["watcher"] = report, watcher
+    procs = {name: _cli(photos, runs[name], "--holes", name.split("-")[1]) for name in names[:2 * len(HOLES)]}
+    procs["reference64"] = _cli(photos, runs["reference64"], "--precision", "float64")
+    watchers = []
+    for holes in HOLES:
+        name, report = f"killed-{holes}", {"killed": False}
+        watcher = threading.Thread(target=_kill_after_checkpoint, args=(procs[name], runs[name], 4, report))
+        watcher.start()
+        procs[f"kill_report-{holes}"], procs[f"watcher-{holes}"] = report, watcher
+        watchers.append(watcher)
     # The same global batch: each of the 2 processes takes half.
     procs["ddp64"] = [_cli(photos, runs["ddp64"], "--precision", "float64", env_extra={
         "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
     yield runs, procs
-    for p in [procs["reference"], procs["killed"], procs["reference64"], *procs["ddp64"]]:
+    for p in [*(procs[name] for name in names[:-1]), *procs["ddp64"]]:
         if p.poll() is None:
             p.kill()
             p.wait()
-    watcher.join()
+    for watcher in watchers:
+        watcher.join()
 
 
 def _final(run_dir):
@@ -117,8 +125,8 @@ def _assert_states_equal(a: dict, b: dict, what: str):
 
 def test_uninterrupted_run_writes_everything(cli_runs):
     runs, procs = cli_runs
-    out = runs["reference"]
-    assert _wait(procs["reference"]) == 0, _log_of(out)
+    out = runs["reference-rect"]
+    assert _wait(procs["reference-rect"]) == 0, _log_of(out)
     state = _final(out)
     assert state["phase"] == "joint" and state["data"]["samples_seen"] == sum(CLI_STEPS) * CLI_BATCH
     assert [s for s, _ in list_checkpoints(out)] == [6, 7]  # --keep 2
@@ -142,19 +150,26 @@ def test_uninterrupted_run_writes_everything(cli_runs):
     assert any(n.startswith("events.") for n in os.listdir(os.path.join(out, "tensorboard")))
 
 
-def test_killed_and_resumed_run_is_bit_identical(cli_runs, photos):
+@pytest.mark.parametrize("holes", HOLES)
+def test_killed_and_resumed_run_is_bit_identical(cli_runs, photos, holes):
+    """Killed after its step-4 checkpoint and resumed (with data-loader workers, which
+    draw the free-form masks), a run ends exactly as the uninterrupted one."""
     runs, procs = cli_runs
-    out, victim = runs["killed"], procs["killed"]
-    procs["watcher"].join()
-    assert procs["kill_report"]["killed"], f"the run ended before the kill: nothing tested\n{_log_of(out)}"
+    reference = f"reference-{holes}"
+    out, victim = runs[f"killed-{holes}"], procs[f"killed-{holes}"]
+    procs[f"watcher-{holes}"].join()
+    assert procs[f"kill_report-{holes}"]["killed"], f"the run ended before the kill: nothing tested\n{_log_of(out)}"
     assert victim.returncode == -signal.SIGKILL
     killed_at = max(s for s, _ in list_checkpoints(out))
     assert killed_at < sum(CLI_STEPS)
-    resumed = _cli(photos, out, "--resume", "--workers", "2")  # data do not depend on the workers
+    # The run's own settings (--holes included) come from its checkpoint; the data do not
+    # depend on the workers.
+    resumed = _cli(photos, out, "--resume", "--workers", "2")
     assert _wait(resumed) == 0, _log_of(out)
     assert "resumed from" in _log_of(out)
-    assert _wait(procs["reference"]) == 0, _log_of(runs["reference"])
-    a, b = _final(runs["reference"]), _final(out)
+    assert _wait(procs[reference]) == 0, _log_of(runs[reference])
+    a, b = _final(runs[reference]), _final(out)
+    assert a["config"]["holes"] == b["config"]["holes"] == holes
     for key in ("completion", "discriminator"):
         _assert_states_equal(a[key], b[key], key)
     for key in ("opt_c", "opt_d"):
@@ -333,3 +348,33 @@ def test_cli_resume_takes_the_runs_settings_but_not_the_sessions(photos, tmp_pat
     args = build_parser().parse_args(["train", photos, "--out", out, "--resume", "--batch-size", "4",
                                       "--device", "cpu", "--no-progress"])
     assert args.func(args) == 1
+
+
+def test_cli_hole_and_init_options_reach_the_config(photos, tmp_path):
+    out = str(tmp_path / "run")
+    args = build_parser().parse_args(["train", photos, "--out", out, "--holes", "mixed", "--free-probability", "0.3",
+                                      "--stroke-count", "2", "3", "--stroke-vertices", "5", "6",
+                                      "--stroke-width", "0.02", "0.04", "--stroke-length", "0.1", "0.2",
+                                      "--blob-count", "1", "2", "--blob-size", "0.05", "0.1",
+                                      "--free-area", "0.1", "0.3", "--init", "weights.t7"])
+    cfg = config_from_args(args)
+    assert (cfg.holes, cfg.free_probability, cfg.stroke_count, cfg.stroke_vertices, cfg.stroke_width,
+            cfg.stroke_length, cfg.blob_count, cfg.blob_size, cfg.free_area) == \
+        ("mixed", 0.3, (2, 3), (5, 6), (0.02, 0.04), (0.1, 0.2), (1, 2), (0.05, 0.1), (0.1, 0.3))
+    assert cfg.init == os.path.abspath("weights.t7")
+    free_form = cfg.augmentation().free_form
+    assert (free_form.stroke_count, free_form.blob_size, free_form.area) == ((2, 3), (0.05, 0.1), (0.1, 0.3))
+    # The defaults the help text states are the config's.
+    import argparse
+    import dataclasses
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in commands.choices["train"]._actions}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in ("stroke_count", "stroke_vertices", "stroke_width", "stroke_length", "blob_count", "blob_size",
+                 "free_area"):
+        assert "(default {:g} {:g})".format(*defaults[name]) in helps[name], name
+    assert f"(default {defaults['free_probability']:g})" in helps["free_probability"]
+    bad = build_parser().parse_args(["train", photos, "--out", out, "--holes", "free", "--free-area", "0.2", "0.21",
+                                     "--device", "cpu", "--no-progress"])
+    assert bad.func(bad) == 1 and not os.path.exists(out)

@@ -1,12 +1,12 @@
 """The trainer: each phase updates exactly its networks, ``frozen`` changes nothing, the
-MSE falls."""
+MSE falls, free-form masks are the holes it trains on."""
 
 import numpy as np
 import torch
 from torch import nn
 
 from glcic_fast.nn.discriminator import ContextDiscriminator
-from glcic_fast.training.data import ImageFolder
+from glcic_fast.training.data import ImageFolder, crop_squares, hole_mask
 from glcic_fast.training.trainer import Trainer, frozen
 
 
@@ -75,3 +75,36 @@ def test_mse_falls_on_a_fixed_batch(photos, tiny_config, tmp_path):
     losses = [trainer.train_step(batch)["mse"].item() for _ in range(10)]
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_free_form_masks_reach_the_mse_and_the_discriminator(photos, tiny_config, tmp_path):
+    """A batch's free-form mask, not its bounding box, is the hole the MSE measures and
+    the completed image D sees is built with; D's local patch of it is the batch's."""
+    import copy
+
+    cfg = tiny_config(photos, tmp_path / "run", phase_steps=(1, 1, 0), holes="free")
+    ds = ImageFolder(photos, cfg.augmentation(), cfg.seed)
+    trainer = Trainer(cfg, [0.5, 0.45, 0.4])
+    batch = _batch(ds, [(0, 1), (0, 4)])
+    x, mask, fake_at, _ = trainer.prepare_batch(batch)
+    assert torch.equal(mask, batch["mask"].float())
+    box = hole_mask(batch["hole"], cfg.image_size)
+    assert (box >= mask).all() and (box > mask).any()  # the mask is inside its box, and smaller
+
+    def masked_mse(net, hole):
+        out = copy.deepcopy(net)(net.prepare_input(x, hole))
+        return (((out - x) * hole) ** 2).sum() / (hole.sum() * 3)
+
+    expected, with_box = masked_mse(trainer.completion, mask), masked_mse(trainer.completion, box)
+    assert not torch.isclose(expected, with_box)
+    torch.testing.assert_close(trainer.train_step(batch)["mse"], expected)
+
+    seen = []
+    hook = trainer.discriminator.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    trainer.train_step(batch)  # the discriminator phase: D on the real, then the completed batch
+    hook.remove()
+    fake_local, fake_global = seen[1]
+    outside = (1 - mask).bool().expand_as(x)
+    assert torch.equal(fake_global[outside], x[outside])  # the bounding box's pixels outside the mask too
+    assert not torch.equal(fake_global, x)
+    assert torch.equal(fake_local, crop_squares(fake_global, fake_at, cfg.local_size))

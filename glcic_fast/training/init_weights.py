@@ -1,0 +1,95 @@
+"""Starting a run from weights users hold (``TrainConfig.init``, ``--init WEIGHTS``), to
+fine-tune the authors' (or GLCIC-PyTorch's, or a glcic_fast run's) completion network on
+one's own photos. Anything ``glcic_fast.load`` reads is accepted, through that one call.
+
+What the run takes from the weights, and what starts fresh:
+
+- the completion net: its weights and BatchNorm statistics, the weights';
+- the discriminator: fresh, from the run's seed, as in any new run (one trained against
+  another generator, if the file held one, would judge the wrong mistakes); both
+  ADADELTA optimisers fresh; the run starts at step 0, and ``phase_steps`` say which
+  phases it runs: ``0 TD TJ`` trains a discriminator against the loaded net first, then
+  both (fine-tuning with the adversarial loss), ``TC 0 0`` the MSE alone;
+- the block order: the run's (``bn_after_relu``) must be the weights' own, which the
+  loaded net reports; otherwise a TrainingError says which setting to give;
+- the input convention: the run trains nets that take their input the way their block
+  order's models do (``default_input_convention``); weights that take it otherwise are
+  refused, clearly;
+- the mean pixel: the weights' own (the net learned its first filters, and the value it
+  sees in the hole, with it), unless ``mean_pixel`` is given; then no pass over the
+  data computes one;
+- resuming: a run's checkpoint holds its weights, and wins. The weights file is read
+  only while the run has no checkpoint yet, and ``init`` is one of the settings that
+  define a run: a resume may repeat the run's own ``init`` or leave it out, not name
+  another file.
+
+The run's config.json and every checkpoint record where the weights came from
+(``init_weights``: absolute path, SHA-256 of the file, the layout ``glcic_fast.load``
+recognised, block order, mean pixel).
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from glcic_fast.nn.completion_net import default_input_convention
+from glcic_fast.nn.state_dict import WeightsError
+from glcic_fast.nn.weights import load
+from glcic_fast.training.config import TrainConfig, TrainingError
+
+
+@dataclass
+class InitialWeights:
+    #: The completion net's state dict (canonical keys, on the CPU).
+    state: Dict[str, torch.Tensor]
+    #: The run's mean pixel: the weights', or the one the config gives.
+    mean_pixel: List[float]
+    #: What the run records about them (``init_weights`` in config.json and checkpoints).
+    record: dict
+
+
+def _block_order(bn_after_relu: bool) -> str:
+    return "conv -> ReLU -> BN (GLCIC-PyTorch)" if bn_after_relu else "conv -> BN -> ReLU (the authors')"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_initial_weights(cfg: TrainConfig) -> Optional[InitialWeights]:
+    """The weights ``cfg.init`` names, checked against the run (None without ``init``).
+    Raises TrainingError for a file glcic_fast.load cannot read or a net the run cannot
+    train."""
+    if cfg.init is None:
+        return None
+    # --mean-pixel supplies the mean that a file without one (a GLCIC-PyTorch checkpoint
+    # without its config.json, a .t7 without "mean") needs.
+    config = None if cfg.mean_pixel is None else {"mean_pixel": list(cfg.mean_pixel)}
+    try:
+        net = load(cfg.init, config=config)
+    except (WeightsError, OSError) as exc:
+        hint = "" if cfg.mean_pixel is not None else " (where the file holds no mean pixel, give --mean-pixel R G B)"
+        raise TrainingError(f"cannot start from --init {cfg.init}: {exc}{hint}") from exc
+    if net.bn_after_relu != cfg.bn_after_relu:
+        flag = "add --bn-after-relu (bn_after_relu=True)" if net.bn_after_relu else \
+            "leave out --bn-after-relu (bn_after_relu=False)"
+        raise TrainingError(f"--init {cfg.init} holds a {_block_order(net.bn_after_relu)} net "
+                            f"({net.weights_source}), but this run trains {_block_order(cfg.bn_after_relu)} "
+                            f"nets: {flag} to fine-tune it")
+    expected = default_input_convention(net.bn_after_relu)
+    if net.input_convention != expected:
+        raise TrainingError(f"--init {cfg.init} takes its input as {net.input_convention!r}; training builds "
+                            f"{_block_order(net.bn_after_relu)} nets that take it as {expected!r}, so these "
+                            f"weights cannot be fine-tuned here")
+    own_mean = [float(v) for v in net.mean_pixel.tolist()]
+    mean = own_mean if cfg.mean_pixel is None else list(cfg.mean_pixel)
+    record = {"path": cfg.init, "sha256": file_sha256(cfg.init), "weights": net.weights_source,
+              "bn_after_relu": net.bn_after_relu, "mean_pixel": own_mean}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    return InitialWeights(state, mean, record)
