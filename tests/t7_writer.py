@@ -5,6 +5,11 @@ without the authors' 80 MB release. Covers the types that layout uses."""
 import struct
 
 import numpy as np
+import torch
+from torch import nn
+
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.reference import make_conv
 
 NIL, NUMBER, STRING, TABLE, TORCH, BOOLEAN = 0, 1, 2, 3, 4, 5
 
@@ -90,3 +95,52 @@ class T7Writer:
 def write_t7(path, obj):
     with open(path, "wb") as f:
         T7Writer(f).write(obj)
+
+
+# -- the authors' model ------------------------------------------------------------------
+
+def authors_sequential(seed):
+    """The authors' layout as a PyTorch nn.Sequential: [conv, BN, ReLU] x 16, conv, Sigmoid."""
+    modules = []
+    for spec in COMPLETION_LAYERS:
+        modules.append(make_conv(spec))
+        if spec.has_bn:
+            modules += [nn.BatchNorm2d(spec.out_channels), nn.ReLU()]
+    modules.append(nn.Sigmoid())
+    seq = nn.Sequential(*modules)
+    assert len(seq) == 50
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in seq:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return seq.eval()
+
+
+def authors_t7_table(seq, mean, old_bn=False):
+    """The authors' .t7 structure for the weights of ``seq``."""
+    modules = []
+    for m in seq:
+        a = lambda t: t.detach().numpy().astype(np.float32)
+        if isinstance(m, nn.ConvTranspose2d):
+            modules.append(TorchClass("nn.SpatialFullConvolution", {"weight": a(m.weight), "bias": a(m.bias), "dW": 2, "dH": 2, "padW": 1, "padH": 1}))
+        elif isinstance(m, nn.Conv2d):
+            name = "nn.SpatialDilatedConvolution" if m.dilation[0] > 1 else "nn.SpatialConvolution"
+            # Torch7 SpatialConvolution often keeps its weight flattened to 2-d.
+            weight = a(m.weight).reshape(m.weight.shape[0], -1)
+            modules.append(TorchClass(name, {"weight": weight, "bias": a(m.bias), "dilationW": m.dilation[0]}))
+        elif isinstance(m, nn.BatchNorm2d):
+            fields = {"weight": a(m.weight), "bias": a(m.bias), "running_mean": a(m.running_mean), "eps": 1e-5, "momentum": 0.1, "affine": True}
+            if old_bn:
+                fields["running_std"] = (1 / np.sqrt(a(m.running_var).astype(np.float64) + 1e-5)).astype(np.float32)
+            else:
+                fields["running_var"] = a(m.running_var)
+            modules.append(TorchClass("nn.SpatialBatchNormalization", fields))
+        elif isinstance(m, nn.ReLU):
+            modules.append(TorchClass("nn.ReLU", {"inplace": True}))
+        else:
+            modules.append(TorchClass("nn.Sigmoid", {}))
+    return {"model": TorchClass("nn.Sequential", {"modules": modules, "train": False}), "mean": np.array(mean, dtype=np.float32)}

@@ -5,41 +5,17 @@ import json
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import glcic_fast
 from glcic_fast import CompletionNet, WeightsError
-from glcic_fast.nn.architecture import COMPLETION_LAYERS
-from glcic_fast.nn.reference import ReferenceCompletionNet, make_conv
+from glcic_fast.nn.reference import ReferenceCompletionNet
 
 from helpers import randomize
-from t7_writer import TorchClass, write_t7
+from t7_writer import authors_sequential, authors_t7_table, write_t7
 
 X = torch.rand(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.3
-
-
-def authors_sequential(seed):
-    """The authors' layout as a PyTorch nn.Sequential: [conv, BN, ReLU] x 16, conv, Sigmoid."""
-    modules = []
-    for spec in COMPLETION_LAYERS:
-        modules.append(make_conv(spec))
-        if spec.has_bn:
-            modules += [nn.BatchNorm2d(spec.out_channels), nn.ReLU()]
-    modules.append(nn.Sigmoid())
-    seq = nn.Sequential(*modules)
-    assert len(seq) == 50
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in seq:
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return seq.eval()
 
 
 def outputs_match(net, reference_graph):
@@ -85,37 +61,11 @@ def test_authors_sequential_pth(tmp_path):
     assert outputs_match(direct, seq)
 
 
-def _t7_table(seq, mean, old_bn=False):
-    """The authors' .t7 structure for the weights of ``seq``."""
-    modules = []
-    for m in seq:
-        a = lambda t: t.detach().numpy().astype(np.float32)
-        if isinstance(m, nn.ConvTranspose2d):
-            modules.append(TorchClass("nn.SpatialFullConvolution", {"weight": a(m.weight), "bias": a(m.bias), "dW": 2, "dH": 2, "padW": 1, "padH": 1}))
-        elif isinstance(m, nn.Conv2d):
-            name = "nn.SpatialDilatedConvolution" if m.dilation[0] > 1 else "nn.SpatialConvolution"
-            # Torch7 SpatialConvolution often keeps its weight flattened to 2-d.
-            weight = a(m.weight).reshape(m.weight.shape[0], -1)
-            modules.append(TorchClass(name, {"weight": weight, "bias": a(m.bias), "dilationW": m.dilation[0]}))
-        elif isinstance(m, nn.BatchNorm2d):
-            fields = {"weight": a(m.weight), "bias": a(m.bias), "running_mean": a(m.running_mean), "eps": 1e-5, "momentum": 0.1, "affine": True}
-            if old_bn:
-                fields["running_std"] = (1 / np.sqrt(a(m.running_var).astype(np.float64) + 1e-5)).astype(np.float32)
-            else:
-                fields["running_var"] = a(m.running_var)
-            modules.append(TorchClass("nn.SpatialBatchNormalization", fields))
-        elif isinstance(m, nn.ReLU):
-            modules.append(TorchClass("nn.ReLU", {"inplace": True}))
-        else:
-            modules.append(TorchClass("nn.Sigmoid", {}))
-    return {"model": TorchClass("nn.Sequential", {"modules": modules, "train": False}), "mean": np.array(mean, dtype=np.float32)}
-
-
 @pytest.mark.parametrize("old_bn", [False, True])
 def test_authors_t7(tmp_path, old_bn):
     seq = authors_sequential(seed=4)
     path = tmp_path / "completionnet_places2.t7"
-    write_t7(path, _t7_table(seq, [0.4560, 0.4472, 0.4155], old_bn))
+    write_t7(path, authors_t7_table(seq, [0.4560, 0.4472, 0.4155], old_bn))
     net = glcic_fast.load(path)
     assert "Torch7" in net.weights_source
     assert torch.allclose(net.mean_pixel, torch.tensor([0.4560, 0.4472, 0.4155]))
@@ -126,7 +76,7 @@ def test_authors_t7(tmp_path, old_bn):
 
 def test_t7_truncated(tmp_path):
     path = tmp_path / "cut.t7"
-    write_t7(path, _t7_table(authors_sequential(seed=5), [0.5, 0.5, 0.5]))
+    write_t7(path, authors_t7_table(authors_sequential(seed=5), [0.5, 0.5, 0.5]))
     data = path.read_bytes()
     for cut in (len(data) - 100, len(data) // 2, 10):
         path.write_bytes(data[:cut])
