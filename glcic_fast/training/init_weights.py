@@ -25,16 +25,16 @@ What the run takes from the weights, and what starts fresh:
 
 The run's config.json and every checkpoint record where the weights came from
 (``init_weights``: absolute path, SHA-256 of the file, the layout ``glcic_fast.load``
-recognised, block order, mean pixel).
+recognised, block order, the file's own mean pixel or None where it holds none).
 """
 
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from glcic_fast.nn.completion_net import default_input_convention
+from glcic_fast.nn.completion_net import CompletionNet, default_input_convention
 from glcic_fast.nn.state_dict import WeightsError
 from glcic_fast.nn.weights import load
 from glcic_fast.training.config import TrainConfig, TrainingError
@@ -62,17 +62,27 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _load(cfg: TrainConfig) -> Tuple[CompletionNet, Optional[List[float]]]:
+    """The net in ``cfg.init`` and the mean pixel the file gives (None where it gives
+    none: a GLCIC-PyTorch checkpoint without its config.json, a .t7 without "mean"; the
+    mean pixel the run is given then stands in, as the file's config would)."""
+    try:
+        net = load(cfg.init)
+    except WeightsError:
+        if cfg.mean_pixel is None:
+            raise
+        return load(cfg.init, config={"mean_pixel": list(cfg.mean_pixel)}), None
+    return net, [float(v) for v in net.mean_pixel.tolist()]
+
+
 def load_initial_weights(cfg: TrainConfig) -> Optional[InitialWeights]:
     """The weights ``cfg.init`` names, checked against the run (None without ``init``).
     Raises TrainingError for a file glcic_fast.load cannot read or a net the run cannot
     train."""
     if cfg.init is None:
         return None
-    # --mean-pixel supplies the mean that a file without one (a GLCIC-PyTorch checkpoint
-    # without its config.json, a .t7 without "mean") needs.
-    config = None if cfg.mean_pixel is None else {"mean_pixel": list(cfg.mean_pixel)}
     try:
-        net = load(cfg.init, config=config)
+        net, own_mean = _load(cfg)
     except (WeightsError, OSError) as exc:
         hint = "" if cfg.mean_pixel is not None else " (where the file holds no mean pixel, give --mean-pixel R G B)"
         raise TrainingError(f"cannot start from --init {cfg.init}: {exc}{hint}") from exc
@@ -87,7 +97,6 @@ def load_initial_weights(cfg: TrainConfig) -> Optional[InitialWeights]:
         raise TrainingError(f"--init {cfg.init} takes its input as {net.input_convention!r}; training builds "
                             f"{_block_order(net.bn_after_relu)} nets that take it as {expected!r}, so these "
                             f"weights cannot be fine-tuned here")
-    own_mean = [float(v) for v in net.mean_pixel.tolist()]
     mean = own_mean if cfg.mean_pixel is None else list(cfg.mean_pixel)
     record = {"path": cfg.init, "sha256": file_sha256(cfg.init), "weights": net.weights_source,
               "bn_after_relu": net.bn_after_relu, "mean_pixel": own_mean}
