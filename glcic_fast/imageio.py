@@ -7,7 +7,7 @@ can store it. The network itself always sees RGB (:func:`glcic_fast.inference.co
 
 import os
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -31,18 +31,56 @@ _DECODER_LIMITS = (("pixels", "CV_IO_MAX_IMAGE_PIXELS", "OPENCV_IO_MAX_IMAGE_PIX
                    ("pixels high", "CV_IO_MAX_IMAGE_HEIGHT", "OPENCV_IO_MAX_IMAGE_HEIGHT", 1 << 20))
 
 
+def _limit(variable: str, default: int) -> int:
+    try:
+        return int(os.environ[variable])
+    except (KeyError, ValueError):
+        return default
+
+
+def _too_large(path, what: str, unit: str, name: str, variable: str, default: int) -> ValueError:
+    limit = os.environ.get(variable, f"{default} (2^{default.bit_length() - 1})")
+    return ValueError(f"could not read {what} from {path}: it is larger than OpenCV's image decoder accepts, "
+                      f"at most {limit} {unit} ({name}; the environment variable {variable} sets another limit)")
+
+
+def check_decoder_limits(path, width: int, height: int, what: str = "an image") -> None:
+    """Raise the decoder's own error for a ``width`` x ``height`` image (as its header
+    declares) over OpenCV's limits, so that a size read without decoding is refused
+    exactly where decoding would refuse it."""
+    for unit, name, variable, default in _DECODER_LIMITS:
+        value = {"pixels": width * height, "pixels wide": width, "pixels high": height}[unit]
+        if value > _limit(variable, default):
+            raise _too_large(path, what, unit, name, variable, default)
+
+
+def _header_size(path) -> Optional[Tuple[int, int]]:
+    """(width, height) from the file's header when Pillow is installed and reads the
+    format, else None."""
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            # Only the header is read here: Pillow's warning about large images does not apply.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Exception:  # no Pillow, a format it does not read, one it refuses: the caller decodes
+        return None
+
+
 def _imread(path, flags, what: str) -> np.ndarray:
     """cv2.imread, with every way it fails as a one-line ValueError naming the file."""
+    size = _header_size(path)
+    if size is not None:  # first, so that libpng does not print its own complaint to stderr
+        check_decoder_limits(path, *size, what=what)
     try:
         data = cv2.imread(os.fspath(path), flags)
     except cv2.error as exc:
         detail = " ".join(str(exc).split())
         for unit, name, variable, default in _DECODER_LIMITS:
             if name in detail:
-                limit = os.environ.get(variable, f"{default} (2^{default.bit_length() - 1})")
-                raise ValueError(f"could not read {what} from {path}: it is larger than OpenCV's image decoder "
-                                 f"accepts, at most {limit} {unit} ({name}; the environment variable "
-                                 f"{variable} sets another limit)") from None
+                raise _too_large(path, what, unit, name, variable, default) from None
         raise ValueError(f"could not read {what} from {path}: OpenCV's decoder failed: {detail}") from None
     if data is None:
         raise ValueError(f"could not read {what} from {path}")
@@ -63,21 +101,14 @@ def read_image_array(path) -> np.ndarray:
 
 
 def image_size(path) -> Tuple[int, int]:
-    """(width, height) of an image or mask file: from its header when Pillow is installed
-    and reads the format, else (or when Pillow refuses it) by decoding it, which raises
-    :func:`read_image_array`'s errors. Folder runs check every file this way before writing
-    anything."""
-    try:
-        from PIL import Image
-
-        with warnings.catch_warnings():
-            # Pillow warns about, or refuses, images it would consider decompression bombs;
-            # only the header is read here, and OpenCV decodes with its own limits.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return im.size
-    except Exception:  # no Pillow, a format it does not read, a file it refuses: OpenCV decides
-        pass
+    """(width, height) of an image or mask file: from its header when Pillow reads the
+    format (checked against the decoder's limits), else by decoding it. Either way a file
+    the decoder would refuse raises :func:`read_image_array`'s error: folder runs check
+    every file this way before writing anything."""
+    size = _header_size(path)
+    if size is not None:
+        check_decoder_limits(path, *size)
+        return size
     data = read_image_array(path)
     return data.shape[1], data.shape[0]
 

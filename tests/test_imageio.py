@@ -1,6 +1,7 @@
 """Image files read to [0, 1] and written back as they came: 8-bit, 16-bit and float
 samples; gray, RGB and RGBA channels. Files OpenCV's decoder refuses: a clear error."""
 
+import re
 import struct
 import zlib
 
@@ -113,6 +114,28 @@ def test_a_file_over_the_decoder_limit_is_a_clear_error(tmp_path):
         glcic_fast.complete(big, mask, weights="random", device="cpu")
     with pytest.raises(ValueError, match="big.png.*1073741824"):
         glcic_fast.complete(np.zeros((4, 4, 3), np.uint8), big, weights="random", device="cpu")
+
+
+@pytest.mark.parametrize("width,height,limit", [(1_100_000, 4, "at most 1048576 (2^20) pixels wide"),
+                                                (4, 1_100_000, "at most 1048576 (2^20) pixels high")])
+def test_a_side_over_the_decoder_limit_is_refused_from_the_header(tmp_path, capfd, width, height, limit):
+    """A side over OpenCV's width or height limit: its PNG decoder returns nothing rather
+    than raise (and libpng prints its own lines), and Pillow reads such a header happily:
+    both the size check and the decoder must give the limit's one-line error."""
+    path = oversized_png(tmp_path / "long.png", width, height)
+    for read in (image_size, read_image_array, read_mask_array):
+        with pytest.raises(ValueError, match=r"long\.png: it is larger than OpenCV's image decoder accepts, " + re.escape(limit)):
+            read(path)
+    assert "libpng" not in capfd.readouterr().err
+
+
+def test_the_decoder_limit_set_in_the_environment_is_the_one_checked(tmp_path, monkeypatch):
+    path = _file(tmp_path, _photo_array(3, np.uint8, 255), ".png")  # 40 x 32 = 1280 pixels
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ValueError, match="at most 1000 pixels .*OPENCV_IO_MAX_IMAGE_PIXELS"):
+        image_size(path)
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "2000")
+    assert image_size(path) == (40, 32)
 
 
 def test_image_size_reads_the_header(tmp_path):

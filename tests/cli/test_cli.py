@@ -392,6 +392,18 @@ def test_files_over_the_decoder_limit_exit_2_with_one_line(folder, weights, caps
     assert f"{folder / 'masks' / 'cup.png'}: it is larger" in err and limit in err and not (folder / "o").exists()
 
 
+def test_a_folder_with_a_side_over_the_decoder_limit_writes_nothing(folder, weights, capsys):
+    """Pillow reads the header of a PNG over OpenCV's width limit, which OpenCV's decoder
+    refuses: the check before writing must refuse it too, not the run halfway through."""
+    from test_imageio import oversized_png
+
+    oversized_png(folder / "images" / "wide.png", 1_100_000, 4)
+    assert run("complete", folder / "images", "--rect", "1,1,5,5", "-o", folder / "o", "--weights", weights,
+               "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "wide.png: it is larger" in err and "2^20) pixels wide" in err and not (folder / "o").exists()
+
+
 def test_the_real_command_reports_a_file_over_the_decoder_limit_in_one_line(tmp_path, weights):
     from test_imageio import oversized_png
 
