@@ -86,22 +86,18 @@ def add_arguments(p: argparse.ArgumentParser):
                             "free-form with probability --free-probability, else a rectangle")
     holes.add_argument("--free-probability", type=float, metavar="P",
                        help="--holes mixed: probability of a free-form hole (default 0.5)")
-    holes.add_argument("--stroke-count", nargs=2, type=int, metavar=("MIN", "MAX"),
-                       help="strokes per mask (default 1 4)")
-    holes.add_argument("--stroke-vertices", nargs=2, type=int, metavar=("MIN", "MAX"),
-                       help="vertices per stroke, segments = vertices - 1; the direction turns by up to 90 "
-                            "degrees at each (default 4 12)")
-    holes.add_argument("--stroke-width", nargs=2, type=float, metavar=("MIN", "MAX"),
-                       help="stroke width, fraction of the image side (default 0.05 0.15)")
-    holes.add_argument("--stroke-length", nargs=2, type=float, metavar=("MIN", "MAX"),
-                       help="stroke segment length, fraction of the image side (default 0.05 0.25)")
-    holes.add_argument("--blob-count", nargs=2, type=int, metavar=("MIN", "MAX"),
-                       help="blobs (ellipses) per mask, drawn before the strokes (default 0 2)")
-    holes.add_argument("--blob-size", nargs=2, type=float, metavar=("MIN", "MAX"),
-                       help="blob semi-axes, fraction of the image side (default 0.05 0.2)")
-    holes.add_argument("--free-area", nargs=2, type=float, metavar=("MIN", "MAX"),
-                       help="fraction of the image in a free-form hole, always within this range: a piece that "
-                            "would pass MAX is left out, strokes are added while under MIN (default 0.05 0.4)")
+    for option, kind, what in (
+            ("--stroke-count", int, "strokes per mask (default 1 4)"),
+            ("--stroke-vertices", int, "vertices per stroke, segments = vertices - 1; the direction turns by up to "
+                                       "90 degrees at each (default 4 12)"),
+            ("--stroke-width", float, "stroke width, fraction of the image side (default 0.05 0.15)"),
+            ("--stroke-length", float, "stroke segment length, fraction of the image side (default 0.05 0.25)"),
+            ("--blob-count", int, "blobs (ellipses) per mask, drawn before the strokes (default 0 2)"),
+            ("--blob-size", float, "blob semi-axes, fraction of the image side (default 0.05 0.2)"),
+            ("--free-area", float, "fraction of the image in a free-form hole, always within this range: a piece "
+                                   "that would pass MAX is left out, strokes are added while under MIN "
+                                   "(default 0.05 0.4)")):
+        holes.add_argument(option, nargs=2, type=kind, metavar=("MIN", "MAX"), help=what)
 
 
 #: argparse destination -> TrainConfig field, for options given on the command line.
