@@ -36,7 +36,7 @@ _MEANS = {}
 @pytest.fixture(scope="module")
 def problem():
     torch.manual_seed(0)
-    net = CompletionNet().to(DEVICE).eval()
+    net = CompletionNet(bn_after_relu=False).to(DEVICE).eval()
     g = torch.Generator().manual_seed(0)
     # A smooth random image (the content does not change the cost).
     image = torch.nn.functional.interpolate(torch.rand(1, 3, SIZE // 32, SIZE // 32, generator=g), size=(SIZE, SIZE),
@@ -138,7 +138,7 @@ def test_folder_throughput(benchmark, folder_jobs, dtype):
     jobs = folder_jobs
     torch.manual_seed(0)
     # Already in the dtype: complete_files then runs it as it is (no copy per call).
-    net = CompletionNet().to(DEVICE, parse_dtype(dtype)).eval()
+    net = CompletionNet(bn_after_relu=False).to(DEVICE, parse_dtype(dtype)).eval()
     complete_files(net, jobs[:8], batch_size=8)  # warm-up: autotuning, compilation
 
     def run():
