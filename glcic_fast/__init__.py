@@ -4,6 +4,7 @@ from glcic_fast import ops
 from glcic_fast.nn import reference
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 from glcic_fast.inference.api import complete
+from glcic_fast.inference.export import export_onnx
 from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
 from glcic_fast.nn.weights import WeightsError, load, save
 
@@ -13,5 +14,5 @@ CompletionNetwork = CompletionNet
 
 __version__ = "0.1.0"
 
-__all__ = ["CompletionNet", "CompletionNetwork", "load", "save", "complete", "ops", "reference", "COMPLETION_LAYERS",
-           "MEAN_FILLED_HOLE", "MEAN_SUBTRACTED_ZERO_HOLE", "WeightsError"]
+__all__ = ["CompletionNet", "CompletionNetwork", "load", "save", "complete", "export_onnx", "ops", "reference",
+           "COMPLETION_LAYERS", "MEAN_FILLED_HOLE", "MEAN_SUBTRACTED_ZERO_HOLE", "WeightsError"]

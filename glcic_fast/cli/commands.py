@@ -1,6 +1,6 @@
 """The ``glcic-fast`` parser and entry point: one module per command (complete.py,
-bench.py, train.py), each with its ``add_arguments`` and ``run``. The commands import the
-heavy modules they need when they run, so that ``glcic-fast --help`` stays quick.
+bench.py, export.py, train.py), each with its ``add_arguments`` and ``run``. The commands
+import the heavy modules they need when they run, so that ``glcic-fast --help`` stays quick.
 
 Exit status: 0 done, 2 usage or input errors (a one-line message on stderr), 1 anything
 unexpected; ``train`` adds its own (see cli/train.py).
@@ -9,7 +9,7 @@ unexpected; ``train`` adds its own (see cli/train.py).
 import argparse
 import sys
 
-from glcic_fast.cli import bench, complete, train
+from glcic_fast.cli import bench, complete, export, train
 from glcic_fast.cli.common import UsageError
 
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description=complete.DESCRIPTION)
     complete.add_arguments(p)
     p.set_defaults(func=complete.run)
+    p = sub.add_parser("export", help="write the network to an ONNX file (ONNX Runtime, TensorRT, OpenVINO)",
+                       description=export.DESCRIPTION)
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
     p = sub.add_parser("train", help="train the completion network as in the paper (resumable; DDP via torchrun)")
     train.add_arguments(p)
     p.set_defaults(func=train.run)
