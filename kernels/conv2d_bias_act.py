@@ -6,6 +6,8 @@ completion net,
 
     y = act(conv(x, w) + bias)  [* post_scale + post_shift]  -> cast to x's dtype
 
+(act: none, relu, sigmoid, or hardtanh = clamp to [-1, 1])
+
 with fp32 accumulation and the whole epilogue fused (no intermediate tensor).
 
 GEMM view. Rows (M) are output pixels n*OH*OW + oh*OW + ow, columns (N) output channels,
@@ -50,7 +52,7 @@ ALLOW_TF32: Optional[bool] = None
 
 #: The input dtypes the kernel computes.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ACT_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
+_ACT_CODES = {"none": 0, "relu": 1, "sigmoid": 2, "hardtanh": 3}
 
 
 # --------------------------------------------------------------------------------------
@@ -234,6 +236,8 @@ def _conv_gemm_kernel(
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:
         acc = 1.0 / (1.0 + tl.exp(-acc))
+    elif ACT == 3:  # hardtanh: clamp to [-1, 1]
+        acc = tl.minimum(tl.maximum(acc, -1.0), 1.0)
     if HAS_AFFINE:
         scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

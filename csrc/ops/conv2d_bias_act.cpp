@@ -9,7 +9,7 @@
 //   i.e. weight.permute(0, 2, 3, 1).reshape(256, 2304) (glcic_fast/ops/conv2d_bias_act.py
 //   packs and caches it).
 // bias, post_scale, post_shift: 256 values in x's dtype or None (post_scale and post_shift
-//   together). activation: "relu", "sigmoid" or "none".
+//   together). activation: "relu", "sigmoid", "hardtanh" (clamp to [-1, 1]) or "none".
 // Accumulation and the whole epilogue in fp32, one rounding to the dtype; out is
 // N x 256 x H x W in channels_last. The .out overload writes a given channels_last tensor.
 // CUDA only (sm_80+): there is no CPU kernel.

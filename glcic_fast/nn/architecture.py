@@ -27,6 +27,8 @@ class LayerSpec:
 
     @property
     def activation(self) -> str:
+        """ReLU, and the paper's sigmoid for the output layer (a net may run another of
+        ``OUTPUT_ACTIVATIONS`` there: ``CompletionNet.output_activation``)."""
         return "relu" if self.has_bn else "sigmoid"
 
     @property
@@ -65,6 +67,11 @@ COMPLETION_LAYERS = (
     _conv(16, 64, 32),
     _conv(17, 32, 3),
 )
+
+#: The output layer's activations weights are trained with: the paper's sigmoid (output in
+#: (0, 1)), or "hardtanh", a clamp to [-1, 1]: mmagic's Global&Local generator
+#: (GLDecoder's out_act="clip", its default, in every published config).
+OUTPUT_ACTIVATIONS = ("sigmoid", "hardtanh")
 
 #: Input channels: RGB with the hole blanked, plus the mask.
 IN_CHANNELS = 4

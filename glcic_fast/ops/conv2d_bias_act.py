@@ -7,6 +7,10 @@ calls it. Every backend computes, in the input's dtype with fp32 accumulation:
     y = act(conv(x, weight) + bias)              then, if post_scale is given,
     y = y * post_scale + post_shift              (GLCIC-PyTorch's BN after the ReLU)
 
+with act one of ACTIVATIONS: "relu", "sigmoid" (the paper's output layer), "hardtanh"
+(clamp to [-1, 1]: the output layer of mmagic's Global&Local generator, its "clip") or
+"none".
+
 and returns y in channels_last memory format. The backends:
 
 * "torch", always there: one F.conv2d / F.conv_transpose2d call with the bias folded in,
@@ -39,7 +43,7 @@ except Exception as exc:  # no (working) Triton: the ops run on the other backen
     _triton = None
     dispatch.record_load_error("glcic_fast.kernels.conv2d_bias_act", exc, "triton")
 
-ACTIVATIONS = ("relu", "sigmoid", "none")
+ACTIVATIONS = ("relu", "sigmoid", "hardtanh", "none")
 
 
 # --------------------------------------------------------------------------------------
@@ -163,6 +167,8 @@ def _epilogue(y, activation, post_scale, post_shift):
         y = F.relu(y) if recording else y.relu_()
     elif activation == "sigmoid":
         y = torch.sigmoid(y) if recording else _position_independent_sigmoid_(y)
+    elif activation == "hardtanh":  # torch.clamp, as mmagic's GLDecoder (its gradient at +-1 too)
+        y = torch.clamp(y, -1.0, 1.0) if recording else y.clamp_(-1.0, 1.0)
     if post_scale is not None:
         shape = (1, -1, 1, 1)
         if recording:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from glcic_fast import ops
-from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.architecture import COMPLETION_LAYERS, OUTPUT_ACTIVATIONS
 from glcic_fast.ops import dispatch
 from glcic_fast.ops.weight_cache import PackedWeightCache
 
@@ -63,17 +63,26 @@ def _scaled(c):
     return c if c in (3, 4) else max(16, c // 8)
 
 
+def _activations(spec):
+    """The activations a layer runs: ReLU, or for the output layer each of OUTPUT_ACTIVATIONS
+    (the paper's sigmoid, mmagic's clamp to [-1, 1])."""
+    return (spec.activation,) if spec.has_bn else OUTPUT_ACTIVATIONS
+
+
 def _layer_cases():
     """One scaled-down case for each distinct (kind, kernel, stride, padding, dilation,
     channels, activation) of the completion net; on a GPU, every layer at full size too."""
     seen, cases = set(), []
     for spec in COMPLETION_LAYERS:
-        key = (spec.transposed, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
-               _scaled(spec.in_channels), _scaled(spec.out_channels), spec.activation)
-        if key not in seen:
-            seen.add(key)
-            cases.append(pytest.param(spec, False, id=f"{spec.name}-{'x'.join(map(str, key[5:7]))}"))
-    cases += [pytest.param(spec, True, id=f"{spec.name}-full", marks=needs_cuda) for spec in COMPLETION_LAYERS]
+        for activation in _activations(spec):
+            key = (spec.transposed, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+                   _scaled(spec.in_channels), _scaled(spec.out_channels), activation)
+            if key not in seen:
+                seen.add(key)
+                cases.append(pytest.param(spec, activation, False,
+                                          id=f"{spec.name}-{'x'.join(map(str, key[5:7]))}-{activation}"))
+    cases += [pytest.param(spec, activation, True, id=f"{spec.name}-full-{activation}", marks=needs_cuda)
+              for spec in COMPLETION_LAYERS for activation in _activations(spec)]
     return cases
 
 
@@ -108,6 +117,8 @@ def _epilogue64(y, activation, scale, shift):
         y = y.relu()
     elif activation == "sigmoid":
         y = y.sigmoid()
+    elif activation == "hardtanh":
+        y = y.clamp(-1.0, 1.0)
     if scale is not None:
         y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     return y
@@ -177,12 +188,12 @@ def _exact_fp32_convs():
 
 # ------------------------------------------------------------------------------- the parity matrix
 
-@pytest.mark.parametrize("spec,full", _layer_cases())
+@pytest.mark.parametrize("spec,activation,full", _layer_cases())
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layer_parity(backend, dtype, spec, full):
-    """Every layer of the net, its own activation, BN as the post affine where the layer has
-    one; batch 2, odd H x W scaled down, at full size the activation size a 256 x 256 input
+def test_layer_parity(backend, dtype, spec, activation, full):
+    """Every layer of the net, with its own activation (the output layer with each output
+    activation), BN as the post affine where the layer has one; batch 2, odd H x W scaled down, at full size the activation size a 256 x 256 input
     gives it. The kernels ("triton", "cuda") round once, so each element is within 1 ulp;
     "torch" rounds after the conv, the activation and each affine step: the relative
     tolerance only."""
@@ -195,7 +206,7 @@ def test_layer_parity(backend, dtype, spec, full):
         size = (19, 21) if spec.dilation >= 8 else (11, 13)  # let the widest taps land inside
     x, w, b, scale, shift = _make((spec.transposed, cin, cout, spec.kernel_size), dtype,
                                   affine=spec.has_bn, size=size, seed=spec.index)
-    args = (spec.stride, spec.padding, spec.dilation, spec.activation, scale, shift)
+    args = (spec.stride, spec.padding, spec.dilation, activation, scale, shift)
     op_name = "conv_transpose2d_bias_act" if spec.transposed else "conv2d_bias_act"
     with torch.no_grad(), _exact_fp32_convs():
         chosen, skipped = ops.explain(op_name, x.device, x, w, b, *args, backend=backend)
@@ -204,11 +215,11 @@ def test_layer_parity(backend, dtype, spec, full):
         if backend == "triton":
             y = _triton_poisoned(spec.transposed, x, w, b, *args)
         elif backend == "cuda":
-            y = _conv3x3_poisoned(x, w, b, spec.dilation, spec.activation, scale, shift)
+            y = _conv3x3_poisoned(x, w, b, spec.dilation, activation, scale, shift)
         else:
             op = ops.conv_transpose2d_bias_act if spec.transposed else ops.conv2d_bias_act
             y = op(x, w, b, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
-                   activation=spec.activation, post_scale=scale, post_shift=shift, backend=backend)
+                   activation=activation, post_scale=scale, post_shift=shift, backend=backend)
         if CUDA:
             torch.cuda.synchronize()
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
@@ -216,7 +227,7 @@ def test_layer_parity(backend, dtype, spec, full):
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "none"])
+@pytest.mark.parametrize("activation", conv.ACTIVATIONS)
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "deconv"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_epilogue_variants_through_the_op(backend, transposed, activation, affine):
@@ -501,7 +512,7 @@ def _conv3x3_inputs_and_conv(dtype, n, dilation):
 @needs_cuda
 @needs_extension
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "none"])
+@pytest.mark.parametrize("activation", conv.ACTIVATIONS)
 @pytest.mark.parametrize("n", [1, 3], ids=["batch1", "batch3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("dilation", DILATIONS, ids=[f"d{d}" for d in DILATIONS])

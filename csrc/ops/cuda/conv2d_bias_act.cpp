@@ -31,7 +31,8 @@ at::Tensor dense_aligned(const at::Tensor& t, at::MemoryFormat format) {
 gpu::Conv3x3Activation parse_activation(c10::string_view activation) {
   if (activation == "relu") return gpu::Conv3x3Activation::kRelu;
   if (activation == "sigmoid") return gpu::Conv3x3Activation::kSigmoid;
-  TORCH_CHECK_VALUE(activation == "none", "conv3x3_bias_act: activation must be relu, sigmoid or none, got ",
+  if (activation == "hardtanh") return gpu::Conv3x3Activation::kHardtanh;
+  TORCH_CHECK_VALUE(activation == "none", "conv3x3_bias_act: activation must be relu, sigmoid, hardtanh or none, got ",
                     activation);
   return gpu::Conv3x3Activation::kNone;
 }

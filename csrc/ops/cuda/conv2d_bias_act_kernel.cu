@@ -154,6 +154,8 @@ __device__ __forceinline__ float epilogue(float v, float bias, int activation, b
     v = fmaxf(v, 0.f);
   } else if (activation == static_cast<int>(Conv3x3Activation::kSigmoid)) {
     v = 1.f / (1.f + expf(-v));
+  } else if (activation == static_cast<int>(Conv3x3Activation::kHardtanh)) {
+    v = fminf(fmaxf(v, -1.f), 1.f);
   }
   if (affine) v = v * scale + shift;
   return v;
@@ -377,7 +379,7 @@ bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer
 const char* conv3x3_problem_error(const Conv3x3Problem& p) {
   if (p.dtype != Conv3x3Dtype::kFloat16 && p.dtype != Conv3x3Dtype::kBFloat16) return "the dtype must be fp16 or bf16";
   if (p.activation != Conv3x3Activation::kNone && p.activation != Conv3x3Activation::kRelu &&
-      p.activation != Conv3x3Activation::kSigmoid) {
+      p.activation != Conv3x3Activation::kSigmoid && p.activation != Conv3x3Activation::kHardtanh) {
     return "unknown activation";
   }
   if (p.batch < 0 || p.height < 0 || p.width < 0) return "negative sizes";

@@ -16,7 +16,8 @@ constexpr int kConv3x3Channels = 256;
 constexpr int kConv3x3K = 9 * kConv3x3Channels;
 
 enum class Conv3x3Dtype : int { kFloat16, kBFloat16 };
-enum class Conv3x3Activation : int { kNone = 0, kRelu = 1, kSigmoid = 2 };
+// kHardtanh: clamp to [-1, 1] (the output activation of mmagic's Global&Local generator).
+enum class Conv3x3Activation : int { kNone = 0, kRelu = 1, kSigmoid = 2, kHardtanh = 3 };
 
 struct Conv3x3Problem {
   const void* x;           // [N][H][W][256] dense (channels_last), 16-byte aligned
