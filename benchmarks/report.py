@@ -1,12 +1,16 @@
-"""Turns a pytest-benchmark JSON of bench_net.py into the README's table and a plot.
+"""Turns a pytest-benchmark JSON of bench_net.py or bench_engines.py into the README's
+tables and a plot.
 
     python benchmarks/report.py RESULTS.json [--plot net.png]
 
-The table: one row per variant and shape, with time per image, ms per megapixel, TFLOP/s,
-its fraction of the measured bf16 GEMM ceiling, the speed-up over the eager fp32
-reference of the same shape, and the max difference to that reference. The plot: ms per
-megapixel against image size, one line per variant and batch, with the arithmetic floor
-(FLOP per megapixel over the measured ceiling) where a ceiling was measured.
+bench_net.py's table: one row per variant and shape, with time per image, ms per
+megapixel, TFLOP/s, its fraction of the measured bf16 GEMM ceiling, the speed-up over the
+eager fp32 reference of the same shape, and the max difference to that reference. The
+plot: ms per megapixel against image size, one line per variant and batch, with the
+arithmetic floor (FLOP per megapixel over the measured ceiling) where a ceiling was
+measured. bench_engines.py's table: one row per engine, its median over the interleaved
+rounds, the speed-up over the eager reference on the same device, the max difference to
+the fp32 reference and the untimed first call (warm-up, compile or engine build).
 """
 
 import argparse
@@ -41,6 +45,36 @@ def markdown_table(rows) -> str:
     device = rows[0]["device"] if rows else "?"
     versions = f"torch {rows[0]['torch']}, triton {rows[0].get('triton')}, CUDA {rows[0].get('cuda')}" if rows else ""
     return f"Device: {device}; {versions}\n\n" + "\n".join(lines)
+
+
+def engine_rows(results: dict):
+    """One row per engine of bench_engines.py, in the order they ran: its info and the
+    seconds of each timed round."""
+    rows = {}
+    for bench in results["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "engine" in info and bench.get("stats"):
+            rows.setdefault(info["engine"], {**info, "seconds": []})["seconds"].append(bench["stats"]["median"])
+    return list(rows.values())
+
+
+def engines_table(rows) -> str:
+    median = {r["engine"]: sorted(r["seconds"])[len(r["seconds"]) // 2] for r in rows}
+    eager = {r["runs_on"]: median[r["engine"]] for r in rows if r["engine"].startswith("eager-reference")}
+    lines = ["| engine | runs on | dtype | ms / image (median) | fastest round | vs eager reference | "
+             "max abs diff to fp32 reference | first call (untimed) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = eager.get(r["runs_on"])
+        speedup = f"{ref / median[r['engine']]:.2f}x" if ref else "-"
+        lines.append(f"| {r['engine']} | {r['runs_on']} | {r['dtype']} | {median[r['engine']] * 1e3:.0f} | "
+                     f"{min(r['seconds']) * 1e3:.0f} | {speedup} | {r['max_abs_diff_to_fp32_reference']:.1e} | "
+                     f"{r['first_call_s']:.1f} s |")
+    first = rows[0]
+    threads = f"{first['threads']} threads each, " if first.get("threads") else ""
+    head = (f"Device: {first['device']}; batch {first['batch']}, {first['size']}^2, {threads}median of "
+            f"{min(len(r['seconds']) for r in rows)} interleaved rounds; torch {first['torch']}, onnxruntime "
+            f"{first['onnxruntime']}, openvino {first['openvino'].split('-')[0]}; weights: {first['weights']}")
+    return head + "\n\n" + "\n".join(lines)
 
 
 def plot(rows, path):
@@ -80,13 +114,17 @@ def main(argv=None):
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args(argv)
     with open(args.results) as f:
-        rows = net_rows(json.load(f))
-    if not rows:
+        results = json.load(f)
+    rows, engines = net_rows(results), engine_rows(results)
+    if not rows and not engines:
         print(f"{args.results} holds no timed whole-network results (was it run with --benchmark-only?)", file=sys.stderr)
         return 1
-    print(markdown_table(rows))
+    print("\n\n".join(([markdown_table(rows)] if rows else []) + ([engines_table(engines)] if engines else [])))
     if args.plot:
-        plot(rows, args.plot)
+        if rows:
+            plot(rows, args.plot)
+        else:
+            print(f"no plot: {args.results} holds no whole-network (bench_net.py) results", file=sys.stderr)
     return 0
 
 

@@ -34,3 +34,28 @@ def test_table_and_plot(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
     path.write_text(json.dumps({"benchmarks": []}))
     assert report.main([str(path)]) == 1
+
+
+def _engine_round(engine, runs_on, median, diff, round_):
+    return {"stats": {"median": median}, "extra_info": {
+        "engine": engine, "runs_on": runs_on, "dtype": "float32", "batch": 1, "size": 512, "round": round_,
+        "device": "test-cpu", "torch": "x", "onnxruntime": "1.0", "openvino": "2026.0-123-abc", "threads": 2,
+        "weights": "demo", "max_abs_diff_to_fp32_reference": diff, "first_call_s": 3.5}}
+
+
+def test_engines_table(tmp_path):
+    """bench_engines.py's rounds: each engine's median over its rounds, against the eager
+    reference on the same device."""
+    results = {"benchmarks": [
+        _engine_round(engine, "cpu", seconds, diff, round_)
+        for round_, scale in enumerate((1.0, 1.5, 1.1))
+        for engine, seconds, diff in (("eager-reference-cpu", 2.0 * scale, 0.0), ("openvino-cpu", 1.0 * scale, 3e-7))]
+        + [{"stats": {"median": 1.0}, "extra_info": {}}]}
+    rows = report.engine_rows(results)
+    assert [r["engine"] for r in rows] == ["eager-reference-cpu", "openvino-cpu"]
+    table = report.engines_table(rows)
+    assert "2 threads each, median of 3 interleaved rounds" in table and "openvino 2026.0;" in table
+    assert "| openvino-cpu | cpu | float32 | 1100 | 1000 | 2.00x | 3.0e-07 | 3.5 s |" in table
+    path = tmp_path / "engines.json"
+    path.write_text(json.dumps(results))
+    assert report.main([str(path)]) == 0

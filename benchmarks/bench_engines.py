@@ -1,0 +1,203 @@
+"""The engines deployers run, side by side with glcic_fast: the same trained weights (the
+bundled demo checkpoint) and the same input (examples/astronaut.png, 512 x 512, with its
+mask), batch 1, in one run.
+
+On the CPU, float32, every engine on the same number of threads (torch's):
+  - eager-reference: the reference PyTorch graph (conv, BN, ReLU), the oracle of every
+    max difference below;
+  - torch.compile: of FoldedNet (the exported graph: BN folded), default mode;
+  - glcic_fast: CompletionNet, the dispatcher's choice per layer;
+  - onnxruntime-cpu and openvino-cpu: the file glcic_fast.export_onnx writes, in ONNX
+    Runtime's CPU provider and OpenVINO's CPU plugin (f32 inference precision).
+On a GPU (skipped without one, with the reason): the reference in eager fp32 (cuDNN),
+torch.compile(mode="max-autotune") of FoldedNet in fp16, glcic_fast in fp16, and the
+fp16 file in ONNX Runtime's TensorRT and CUDA providers (those need onnxruntime-gpu in
+place of onnxruntime), input and output bound on the GPU.
+
+The engines run interleaved, round by round (round 0: each engine once, then round 1,
+...), so that a change in the machine's load (a shared CPU) falls on all of them alike;
+``report.py`` takes each engine's median over the rounds. Each engine's first call (its
+warm-up, with its compile or engine build where it has one) is recorded, not timed, as
+first_call_s, and is its max-difference check. Under
+--benchmark-disable only round 0 runs: it checks every engine's output.
+
+    GLCIC_FAST_BENCH_ENGINE_ROUNDS=5 pytest benchmarks/bench_engines.py --benchmark-only \\
+        --benchmark-json engines.json && python benchmarks/report.py engines.json
+"""
+
+import copy
+import functools
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import glcic_fast
+from glcic_fast.imageio import read_rgb
+from glcic_fast.inference.bench import DEMO_WEIGHTS, EXAMPLE_IMAGE, EXAMPLE_MASK
+from glcic_fast.inference.export import INPUT_NAME, OUTPUT_NAME, FoldedNet, export_onnx
+from glcic_fast.inference.masks import hole_mask
+from glcic_fast.nn.reference import ReferenceCompletionNet
+
+from measure import provenance, synchronized
+
+ort = pytest.importorskip("onnxruntime", reason="the engines' benchmark needs onnxruntime (the test extra)")
+ov = pytest.importorskip("openvino", reason="the engines' benchmark needs openvino (the test extra)")
+
+CUDA = torch.cuda.is_available()
+ROUNDS = int(os.environ.get("GLCIC_FAST_BENCH_ENGINE_ROUNDS", "5"))
+#: engine -> (where it runs, dtype)
+ENGINES = {
+    "eager-reference-cpu": ("cpu", torch.float32),
+    "torch.compile-cpu": ("cpu", torch.float32),
+    "glcic_fast-cpu": ("cpu", torch.float32),
+    "onnxruntime-cpu": ("cpu", torch.float32),
+    "openvino-cpu": ("cpu", torch.float32),
+    "eager-reference-cuda": ("cuda", torch.float32),
+    "torch.compile-max-autotune-cuda": ("cuda", torch.float16),
+    "glcic_fast-cuda": ("cuda", torch.float16),
+    "onnxruntime-tensorrt": ("cuda", torch.float16),
+    "onnxruntime-cuda": ("cuda", torch.float16),
+}
+#: What an engine may differ from the fp32 reference by (as bench_net.py): fp32 summation
+#: order, or half precision.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2}
+_ORT_GPU_PROVIDERS = {"onnxruntime-tensorrt": "TensorrtExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
+
+
+class _Setup:
+    """The net, the input, the reference output and the exported files, made once."""
+
+    def __init__(self, folder):
+        self.net = glcic_fast.load(DEMO_WEIGHTS).eval()
+        image = read_rgb(EXAMPLE_IMAGE)
+        hole = hole_mask(*image.shape[-2:], EXAMPLE_MASK, image=EXAMPLE_IMAGE)
+        self.x = self.net.prepare_input(image[None], (hole > 0.5).float()[None])
+        with torch.inference_mode():
+            self.want = self._reference("cpu")(self.x).numpy()
+        self.folder = folder
+        self.files, self.engines = {}, {}
+
+    def _reference(self, device):
+        reference = ReferenceCompletionNet(self.net.bn_after_relu).to(device)
+        reference.load_state_dict(self.net.state_dict())
+        return reference.eval()
+
+    def onnx_file(self, dtype):
+        if dtype not in self.files:
+            self.files[dtype] = str(self.folder / f"glcic-{str(dtype)[6:]}.onnx")
+            export_onnx(self.net, self.files[dtype], dtype=dtype)
+        return self.files[dtype]
+
+    def engine(self, name):
+        """(run: one inference on the prepared input, info), built on first use. The first
+        call (the warm-up, with the compile or engine build where there is one) is timed
+        as info["first_call_s"], and its output gives info["max_abs_diff_to_fp32_reference"]."""
+        if name not in self.engines:
+            run, to_array, first_call = self._build(name)
+            start = time.perf_counter()
+            out = synchronized(first_call)()
+            info = {"first_call_s": time.perf_counter() - start,
+                    "max_abs_diff_to_fp32_reference": float(np.abs(to_array(out) - self.want).max()),
+                    "threads": torch.get_num_threads() if ENGINES[name][0] == "cpu" else None}
+            self.engines[name] = run, info
+        return self.engines[name]
+
+    def _build(self, name):
+        """(run, to_array: run's output as numpy float32, first_call: run's first call)."""
+        device, dtype = ENGINES[name]
+        threads = torch.get_num_threads()
+        x = self.x.to(device, dtype)
+        to_array = lambda y: y.float().cpu().numpy()  # noqa: E731 (torch engines' outputs)
+        if name.startswith("eager-reference"):
+            model = self._reference(device).to(dtype)
+            run = lambda: model(x)  # noqa: E731
+        elif name.startswith("torch.compile"):
+            mode = "max-autotune" if device == "cuda" else "default"
+            compiled = torch.compile(FoldedNet(self.net, dtype, device).eval(), mode=mode, dynamic=False)
+            run = lambda: compiled(x)  # noqa: E731
+            return run, to_array, functools.partial(_without_compile_caches, run)  # the first call compiles
+        elif name.startswith("glcic_fast"):
+            net = self.net if device == "cpu" else copy.deepcopy(self.net).to(device, dtype)
+            run = lambda: net(x)  # noqa: E731
+        elif name == "onnxruntime-cpu":
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(self.onnx_file(dtype), options, providers=["CPUExecutionProvider"])
+            feed = {INPUT_NAME: x.numpy()}
+            run, to_array = (lambda: session.run(None, feed)[0]), np.asarray
+        elif name == "openvino-cpu":
+            compiled = ov.Core().compile_model(self.onnx_file(dtype), "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+            request, feed = compiled.create_infer_request(), x.numpy()
+            run, to_array = (lambda: request.infer({0: feed})[0]), np.array
+        else:
+            run = self._onnxruntime_gpu(_ORT_GPU_PROVIDERS[name], x)  # TensorRT builds on the first run
+        return run, to_array, run
+
+    def _onnxruntime_gpu(self, provider, x):
+        options = {"trt_fp16_enable": True} if provider == "TensorrtExecutionProvider" else {}
+        session = ort.InferenceSession(self.onnx_file(x.dtype), providers=[(provider, options)])
+        if session.get_providers()[0] != provider:
+            raise RuntimeError(f"ONNX Runtime did not take {provider}: {session.get_providers()}")
+        out = torch.empty(x.shape[0], 3, *x.shape[2:], dtype=x.dtype, device=x.device)
+        binding = session.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", x.device.index or 0, np.float16, tuple(x.shape), x.data_ptr())
+        binding.bind_output(OUTPUT_NAME, "cuda", x.device.index or 0, np.float16, tuple(out.shape), out.data_ptr())
+
+        def run():
+            session.run_with_iobinding(binding)
+            return out
+
+        return run
+
+
+def _without_compile_caches(run):
+    """A torch.compile'd call with Inductor's caches off: the first call then compiles as
+    on a fresh machine, not from an earlier run's cache."""
+    with torch._inductor.config.patch(force_disable_caches=True):
+        return run()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _Setup(tmp_path_factory.mktemp("engines"))
+
+
+def _skip_reason(engine):
+    device, _ = ENGINES[engine]
+    if device == "cuda" and not CUDA:
+        return "needs a CUDA GPU (none here)"
+    if engine in _ORT_GPU_PROVIDERS and _ORT_GPU_PROVIDERS[engine] not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} here offers {', '.join(ort.get_available_providers())}: "
+                f"{_ORT_GPU_PROVIDERS[engine]} needs onnxruntime-gpu (and, for TensorRT, TensorRT's libraries)")
+    return None
+
+
+def pytest_generate_tests(metafunc):
+    """Rounds as the outer loop (every engine once per round); one round when timing is
+    disabled (--benchmark-disable): it checks every engine's output."""
+    rounds = 1 if metafunc.config.getoption("benchmark_disable") else ROUNDS
+    metafunc.parametrize("round_", range(rounds), ids=[f"round{r}" for r in range(rounds)])
+    metafunc.parametrize("engine", ENGINES)
+
+
+def test_engine(benchmark, setup, engine, round_):
+    reason = _skip_reason(engine)
+    if reason:
+        pytest.skip(reason)
+    device, dtype = ENGINES[engine]
+    benchmark.group = f"engines-b1-{setup.x.shape[-1]}"
+    with torch.inference_mode():
+        run, info = setup.engine(engine)
+        benchmark.pedantic(synchronized(run), rounds=1, iterations=1)
+    max_diff = info["max_abs_diff_to_fp32_reference"]
+    assert max_diff <= TOLERANCE[dtype], f"{engine} differs from the fp32 reference by {max_diff}"
+    extra = provenance()
+    extra.update(info)
+    extra.update({"engine": engine, "runs_on": device, "dtype": str(dtype)[6:], "batch": setup.x.shape[0],
+                  "size": setup.x.shape[-1], "round": round_, "weights": setup.net.weights_source,
+                  "onnxruntime": ort.__version__, "openvino": ov.get_version()})
+    benchmark.extra_info.update(extra)
