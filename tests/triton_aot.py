@@ -12,7 +12,8 @@ Triton itself turns each launch into compile arguments:
    get a ``run`` that records ``kernel[grid](*args, **kwargs)`` instead of launching.
    The completion network's eval forward then runs with ``backend="triton"`` on small
    CPU tensors (every layer; float32 exact and TF32, float16, bfloat16; both block
-   orders, i.e. with and without the post-activation BatchNorm affine; see FORWARDS),
+   orders, i.e. with and without the post-activation BatchNorm affine; see FORWARDS; and
+   the output layer with mmagic's clamp to [-1, 1], "hardtanh", in every precision),
    once more on ``meta`` tensors at a size where M = N*OH*OW of the full- and
    half-resolution layers passes 2^31, and ``glcic_fast.ops.masked_mse`` runs for every
    dtype, mask broadcast, index width and reduction. The only thing bypassed is the
@@ -290,7 +291,7 @@ def record_all(tk, mk, forwards=FORWARDS):
                     kind = "deconv" if spec.transposed else "conv"
                     affine = "+post-affine" if layer.post_scale is not None else ""
                     launch.label = (f"{spec.name} ({kind} {spec.in_channels}->{spec.out_channels} "
-                                    f"k{spec.kernel_size} s{spec.stride} d{spec.dilation} {spec.activation}"
+                                    f"k{spec.kernel_size} s{spec.stride} d{spec.dilation} {layer.activation}"
                                     f"{affine}) {tag} in {tuple(x.shape)}")
                     launch.all_configs = all_configs and spec.name in ALL_CONFIGS_LAYERS
                     launch.spec = spec
@@ -305,6 +306,13 @@ def record_all(tk, mk, forwards=FORWARDS):
                 dtype, tk.ALLOW_TF32 = PRECISIONS[precision]
                 x = torch.zeros(1, 4, SMALL_SIDE, SMALL_SIDE, dtype=dtype)
                 forward(nets[bn_after_relu], x, precision, all_configs)
+            # The output layer with mmagic's clamp to [-1, 1] (its nets run the authors' block
+            # order), in every precision; its other layers repeat the forwards above.
+            clamped = CompletionNet(bn_after_relu=False, output_activation="hardtanh", backend="triton").eval()
+            for precision in PRECISIONS:
+                dtype, tk.ALLOW_TF32 = PRECISIONS[precision]
+                x = torch.zeros(1, 4, SMALL_SIDE, SMALL_SIDE, dtype=dtype)
+                forward(clamped, x, f"{precision} hardtanh output", False, keep=lambda launch: not launch.spec.has_bn)
             # M past 2^31: meta tensors, bfloat16, GLCIC-PyTorch's block order; only the
             # launches with an i64 argument (the others repeat the small forward's).
             tk.ALLOW_TF32 = None

@@ -55,12 +55,14 @@ def padded_size(h: int, w: int):
 
 
 def run_network(net, x: torch.Tensor) -> torch.Tensor:
-    """``net(x)``: the one call through which completion runs the network (the tests put
-    a pointwise stand-in here to check the crop and tile geometry alone). Every backend
-    computes an output pixel the same way wherever it lies in the tensor (the torch
-    backend's sigmoid sees to it on the CPU), so crops and tiles reproduce the whole image
-    bit for bit where the convolution library does the same."""
-    return net(x)
+    """``net(x)`` read back as an RGB image in [0, 1] (``net.output_to_image``: mmagic's
+    nets output BGR in [-1, 1]): the one call through which completion runs the network
+    (the tests put a pointwise stand-in here to check the crop and tile geometry alone).
+    Every backend computes an output pixel the same way wherever it lies in the tensor
+    (the torch backend's sigmoid sees to it on the CPU), and the mapping is pointwise, so
+    crops and tiles reproduce the whole image bit for bit where the convolution library
+    does the same."""
+    return net.output_to_image(net(x))
 
 
 class NetworkInput:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.architecture import COMPLETION_LAYERS, OUTPUT_ACTIVATIONS
 
 
 def make_conv(spec) -> nn.Module:
@@ -18,16 +18,25 @@ def make_conv(spec) -> nn.Module:
                padding=spec.padding, dilation=spec.dilation)
 
 
+def check_output_activation(value: str) -> str:
+    if value not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {value!r}")
+    return value
+
+
 class ReferenceCompletionNet(nn.Module):
-    """C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1).
+    """C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1) (sigmoid) or [-1, 1] (hardtanh).
 
     ``bn_after_relu=True`` (default): conv -> ReLU -> BN (GLCIC-PyTorch).
-    ``bn_after_relu=False``: conv -> BN -> ReLU (the authors' Torch7 model).
+    ``bn_after_relu=False``: conv -> BN -> ReLU (the authors' Torch7 model, mmagic's).
+    ``output_activation``: "sigmoid" (default, the paper's) or "hardtanh" (mmagic's clip
+    to [-1, 1], ``torch.clamp`` as mmagic applies it).
     """
 
-    def __init__(self, bn_after_relu: bool = True):
+    def __init__(self, bn_after_relu: bool = True, output_activation: str = "sigmoid"):
         super().__init__()
         self.bn_after_relu = bn_after_relu
+        self.output_activation = check_output_activation(output_activation)
         for spec in COMPLETION_LAYERS:
             self.add_module(spec.name, make_conv(spec))
             if spec.has_bn:
@@ -37,6 +46,8 @@ class ReferenceCompletionNet(nn.Module):
         for spec in COMPLETION_LAYERS:
             x = getattr(self, spec.name)(x)
             if not spec.has_bn:
+                if check_output_activation(self.output_activation) == "hardtanh":
+                    return torch.clamp(x, -1.0, 1.0)
                 return torch.sigmoid(x)
             bn = getattr(self, f"bn{spec.index}")
             x = bn(F.relu(x)) if self.bn_after_relu else F.relu(bn(x))

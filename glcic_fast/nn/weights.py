@@ -6,14 +6,24 @@
   prefixed ``module.``), with the run's ``config.json`` for the mean pixel ``mpv``;
 - the authors' model converted to PyTorch (nn.Sequential keys ``0.weight``,
   ``1.running_mean``, ...), a .pth;
-- the authors' Torch7 ``.t7`` release, read with torchfile.
+- the authors' Torch7 ``.t7`` release, read with torchfile (``completionnet_places2.t7``,
+  ``completionnet_places2_freeform.t7``, ``completionnet_celeba.t7``: one structure, told
+  apart only by their file names);
+- mmagic's (mmediting's) Global&Local checkpoints (``gl_256x256_8x12_places_*.pth``,
+  ``..._celeba_*.pth``): ``{"meta": ..., "state_dict": {"generator.*", "disc.*"}}``, with
+  an ``optimizer`` (and mmengine's ``message_hub``) in training checkpoints.
 
 Pickled files are read with ``torch.load(weights_only=True)``: a user's file never runs code.
+What a training checkpoint keeps beside the weights (mmengine's log buffers, numpy values)
+is read as inert placeholders; anything else the weights-only reader refuses is reported.
 """
 
 import contextlib
 import json
 import os
+import pickle
+import re
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -21,11 +31,36 @@ import torch
 
 from glcic_fast.files import atomic_write
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
-from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, PLACES2_MEAN_PIXEL, CompletionNet
-from glcic_fast.nn.state_dict import GLCIC_PYTORCH, WeightsError, proven_block_order, to_canonical_state_dict
+from glcic_fast.nn.completion_net import (MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, PLACES2_MEAN_PIXEL,
+                                          SIGNED_BGR_ZERO_HOLE, CompletionNet, layout_output_activation)
+from glcic_fast.nn.state_dict import GLCIC_PYTORCH, MMAGIC, WeightsError, proven_block_order, to_canonical_state_dict
 
 FORMAT_NAME = "glcic_fast"
 FORMAT_VERSION = "1"
+
+#: The authors' released models (their README, download_model.sh), by file name: one
+#: structure (the 50-module nn.Sequential and the mean pixel), run alike by their
+#: inpaint.lua, so only the name tells them apart.
+AUTHORS_MODELS = (
+    ("completionnet_places2_freeform", "places2, trained with free-form holes; the authors' default model, "
+                                       "meant to work without post-processing"),
+    ("completionnet_places2", "places2, trained with rectangular holes"),
+    ("completionnet_celeba", "CelebA faces, trained with rectangular holes"),
+)
+
+
+def authors_model(path) -> Optional[str]:
+    """Which of the authors' released models the file at ``path`` is, by its name, or None."""
+    name = os.path.basename(os.fspath(path)).lower()
+    return next((what for stem, what in AUTHORS_MODELS if name.startswith(stem)), None)
+
+
+def _authors_source(kind: str, path) -> str:
+    if path is None:
+        return kind
+    model = authors_model(path)
+    return f"{kind}, {model} ({path})" if model else f"{kind} ({path})"
+
 
 def _read_config(config, path) -> dict:
     """The run's config: a dict, a path to config.json, or config.json beside the weights."""
@@ -67,12 +102,80 @@ def _read_safetensors(path):
     return tensors, metadata
 
 
+#: Modules whose objects training checkpoints keep beside the weights: numpy (scalars and
+#: arrays in metadata and logs), mmengine / mmcv / mmagic / mmedit (log buffers such as
+#: mmengine's HistoryBuffer in ``message_hub``). Their globals are read as ``_Unread``.
+_BOOKKEEPING_MODULES = ("numpy", "mmengine", "mmcv", "mmagic", "mmedit")
+
+
+class _Unread:
+    """Stands in for an object of the bookkeeping modules when a checkpoint is read: built
+    from whatever the file gives, it keeps and runs nothing (the real class is never
+    imported), so such a file is read without running any of its code."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _is_bookkeeping(name: str) -> bool:
+    return name.split(".", 1)[0] in _BOOKKEEPING_MODULES
+
+
+def _refused_globals(path, error) -> set:
+    """The globals the weights-only reader refuses in the checkpoint at ``path``: all of
+    them at once for a zip checkpoint (read statically, nothing unpickled), else the one
+    its ``error`` names (the legacy format is read one refusal at a time)."""
+    if zipfile.is_zipfile(path) and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    match = re.search(r"GLOBAL (\S+)", str(error))
+    return {match.group(1)} if match else set()
+
+
+def _placeholders_for(names):
+    if not names:
+        return contextlib.nullcontext()
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise WeightsError(f"this checkpoint keeps objects of {', '.join(sorted(names))} beside its weights; "
+                           f"reading them as inert placeholders needs torch >= 2.5 (this is {torch.__version__})")
+    return torch.serialization.safe_globals([(_Unread, name) for name in sorted(names)])
+
+
+def _load_weights_only(path):
+    """``torch.load(path, weights_only=True)``, with the bookkeeping modules' globals read
+    as ``_Unread`` placeholders; WeightsError naming anything else the file refers to."""
+    placeholders = set()
+    while True:
+        context = _placeholders_for(placeholders)
+        try:
+            with context:
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            refused = _refused_globals(path, exc) - placeholders
+            unsafe = sorted(name for name in refused if not _is_bookkeeping(name))
+            if unsafe:
+                raise WeightsError(
+                    f"could not read {path} safely: it refers to {', '.join(unsafe)}, which a weights file has no "
+                    "need of; glcic_fast reads weights only (tensors, plain Python values, and numpy / mmengine / "
+                    "mmcv / mmagic bookkeeping as inert placeholders) and never imports or runs what a file names. "
+                    "Nothing was run. If the file is yours, save its state dict alone (torch.save(checkpoint"
+                    "['state_dict'], ...)) where you trust it.") from None
+            if not refused:
+                raise WeightsError(f"could not read {path} as a PyTorch checkpoint (weights only, no code is run): "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            placeholders |= refused
+        except Exception as exc:  # torch raises many types for truncated or foreign files
+            raise WeightsError(f"could not read {path} as a PyTorch checkpoint (weights only, no code is run): "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
 def _read_pickled_state_dict(path):
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad or unsafe pickles
-        raise WeightsError(f"could not read {path} as a PyTorch checkpoint (weights only, no code is run): "
-                           f"{type(exc).__name__}: {exc}") from exc
+    obj = _load_weights_only(path)
     for wrapper in ("state_dict", "model", "model_cn"):  # common training-script wrappers
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -159,11 +262,13 @@ def load(source, config=None, *, backend: Optional[str] = None) -> CompletionNet
 
     Args:
         source: a path (.safetensors ours, .t7 the authors', anything else a PyTorch
-            checkpoint: GLCIC-PyTorch or the authors' layout converted) or a state dict.
+            checkpoint: GLCIC-PyTorch, the authors' layout converted, or mmagic's
+            Global&Local) or a state dict.
         config: for GLCIC-PyTorch checkpoints, the run's config.json (a path or a dict)
             holding ``mpv``; by default config.json beside the checkpoint. For the
             authors' converted .pth, ``{"mean_pixel": [r, g, b]}`` overrides the places2
-            mean it otherwise assumes.
+            mean it otherwise assumes. mmagic's checkpoints need none (their
+            normalisation is fixed: SIGNED_BGR_ZERO_HOLE).
     """
     path = None
     if isinstance(source, (str, os.PathLike)):
@@ -176,10 +281,16 @@ def load(source, config=None, *, backend: Optional[str] = None) -> CompletionNet
         tensors, metadata = _read_safetensors(path)
         if metadata.get("format") != FORMAT_NAME:
             raise WeightsError(f"{path} is a safetensors file but not glcic_fast weights (metadata {metadata})")
-        net = CompletionNet(metadata["bn_after_relu"] == "true", input_convention=metadata["input_convention"],
-                            mean_pixel=json.loads(metadata["mean_pixel"]), backend=backend)
+        try:
+            net = CompletionNet(metadata["bn_after_relu"] == "true", input_convention=metadata["input_convention"],
+                                output_activation=metadata.get("output_activation"),  # absent: the sigmoid
+                                mean_pixel=json.loads(metadata["mean_pixel"]), backend=backend)
+        except (KeyError, ValueError) as exc:
+            raise WeightsError(f"{path}: glcic_fast metadata missing or invalid ({type(exc).__name__}: {exc}); "
+                               f"metadata {metadata}") from None
         _load_canonical(net, to_canonical_state_dict(tensors)[0])
-        net.weights_source = f"glcic_fast ({path})"
+        saved_from = metadata.get("weights_source")
+        net.weights_source = f"glcic_fast ({path})" + (f", saved from {saved_from}" if saved_from else "")
         return net
 
     if path is not None and path.endswith(".t7"):
@@ -190,14 +301,19 @@ def load(source, config=None, *, backend: Optional[str] = None) -> CompletionNet
             raise WeightsError(f"{path} holds no mean pixel; pass config={{'mean_pixel': [r, g, b]}}")
         net = CompletionNet(False, input_convention=MEAN_SUBTRACTED_ZERO_HOLE, mean_pixel=mean, backend=backend)
         _load_canonical(net, state)
-        net.weights_source = f"authors' Torch7 ({path})"
+        net.weights_source = _authors_source("authors' Torch7", path)
         return net
 
     state_dict = _read_pickled_state_dict(path) if path is not None else source
     canonical, layout = to_canonical_state_dict(state_dict)
     mean = _mean_from_config(cfg)
     authors_order, reason = proven_block_order(canonical, layout)
-    if layout == GLCIC_PYTORCH and authors_order is None:
+    if layout == MMAGIC:
+        net = CompletionNet(False, output_activation=layout_output_activation(MMAGIC),
+                            input_convention=SIGNED_BGR_ZERO_HOLE, backend=backend)
+        net.block_order_reason = f"from the weights: {reason}"
+        net.weights_source = "mmagic Global&Local" + (f" ({path})" if path else "")
+    elif layout == GLCIC_PYTORCH and authors_order is None:
         if mean is None:
             raise WeightsError("a GLCIC-PyTorch checkpoint needs its run's mean pixel: put the run's config.json "
                                "beside it or pass config='path/to/config.json' (or config={'mpv': [r, g, b]})")
@@ -207,7 +323,7 @@ def load(source, config=None, *, backend: Optional[str] = None) -> CompletionNet
         net = CompletionNet(False, input_convention=MEAN_SUBTRACTED_ZERO_HOLE,
                             mean_pixel=PLACES2_MEAN_PIXEL if mean is None else mean, backend=backend)
         net.block_order_reason = f"from the weights: {reason}"
-        net.weights_source = "authors' layout, converted" + (f" ({path})" if path else "")
+        net.weights_source = _authors_source("authors' layout, converted", path)
     _load_canonical(net, canonical)
     return net
 
@@ -232,6 +348,8 @@ def save(net: CompletionNet, path) -> None:
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "bn_after_relu": "true" if net.bn_after_relu else "false",
                 "input_convention": net.input_convention,
-                "mean_pixel": json.dumps(net.mean_pixel.tolist())}
+                "output_activation": net.output_activation,
+                "mean_pixel": json.dumps(net.mean_pixel.tolist()),
+                "weights_source": net.weights_source}
     data = to_bytes(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))

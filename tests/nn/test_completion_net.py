@@ -4,25 +4,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import glcic_fast
 from glcic_fast import CompletionNet
+from glcic_fast.nn.completion_net import SIGNED_BGR_ZERO_HOLE
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
 from helpers import random_image_and_mask, randomize
 
 ORDERS = [False, True]
+#: (bn_after_relu, output activation) of the nets users hold: GLCIC-PyTorch's, the authors',
+#: mmagic's.
+KINDS = {"glcic-pytorch": (True, "sigmoid"), "authors": (False, "sigmoid"), "mmagic": (False, "hardtanh")}
 
 
-def pair(bn_after_relu, seed=0):
-    net = randomize(CompletionNet(bn_after_relu), seed)
-    ref = ReferenceCompletionNet(bn_after_relu)
+def pair(bn_after_relu, seed=0, output_activation="sigmoid"):
+    net = randomize(CompletionNet(bn_after_relu, output_activation=output_activation), seed)
+    ref = ReferenceCompletionNet(bn_after_relu, output_activation)
     ref.load_state_dict(net.state_dict())
     return net, ref
 
 
-@pytest.mark.parametrize("bn_after_relu", ORDERS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(1, 32, 32), (2, 48, 64), (1, 100, 36)])
-def test_eval_fused_matches_reference(bn_after_relu, shape):
-    net, ref = pair(bn_after_relu)
+def test_eval_fused_matches_reference(kind, shape):
+    bn_after_relu, output_activation = KINDS[kind]
+    net, ref = pair(bn_after_relu, output_activation=output_activation)
     net.eval(), ref.eval()
     n, h, w = shape
     x = torch.rand(n, 4, h, w, generator=torch.Generator().manual_seed(1)) - 0.5
@@ -35,31 +41,55 @@ def test_eval_fused_matches_reference(bn_after_relu, shape):
                for layer in net.fused_layers(x.dtype, x.device))
 
 
-def test_fused_layers_carry_each_layers_activation():
+@pytest.mark.parametrize("output_activation", ["sigmoid", "hardtanh"])
+def test_fused_layers_carry_each_layers_activation(output_activation):
     """Readers of fused_layers (exporters) take the epilogue from the layer itself."""
-    layers = CompletionNet().fused_layers(torch.float32, torch.device("cpu"))
-    assert [layer.activation for layer in layers] == ["relu"] * 16 + ["sigmoid"]
+    layers = CompletionNet(output_activation=output_activation).fused_layers(torch.float32, torch.device("cpu"))
+    assert [layer.activation for layer in layers] == ["relu"] * 16 + [output_activation]
 
 
-@pytest.mark.parametrize("bn_after_relu", ORDERS)
+def test_output_activation_choices_and_conventions():
+    net = CompletionNet(input_convention=SIGNED_BGR_ZERO_HOLE)  # the convention implies the clamp
+    assert net.output_activation == "hardtanh" and "output activation: hardtanh" in repr(net)
+    assert CompletionNet(output_activation="hardtanh").input_convention == SIGNED_BGR_ZERO_HOLE
+    assert CompletionNet().output_activation == "sigmoid"
+    with pytest.raises(ValueError, match="output_activation must be one of"):
+        CompletionNet(output_activation="tanh")
+    with pytest.raises(ValueError, match=r"reads the network's output as \(0, 1\)"):
+        CompletionNet(True, output_activation="hardtanh").input_convention = glcic_fast.MEAN_FILLED_HOLE
+
+
+def test_output_to_image():
+    y = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.equal(CompletionNet().output_to_image(y), y)  # the sigmoid's output is the image
+    mapped = CompletionNet(output_activation="hardtanh").output_to_image(y)
+    assert torch.equal(mapped, (y * 0.5 + 0.5)[:, [2, 1, 0]])  # BGR in [-1, 1] -> RGB in [0, 1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("hw", [(37, 50), (64, 41)])
-def test_complete_any_size_matches_reference(bn_after_relu, hw):
+def test_complete_any_size_matches_reference(kind, hw):
     """complete() pads non-multiples of 4 by replication, applies the net's convention,
     and replaces only hole pixels; the reference is applied by hand here."""
-    net, ref = pair(bn_after_relu, seed=3)
+    bn_after_relu, output_activation = KINDS[kind]
+    net, ref = pair(bn_after_relu, seed=3, output_activation=output_activation)
     ref.eval()
     h, w = hw
     image, mask = random_image_and_mask(2, h, w, seed=2)
     got = net.complete(image, mask)
 
     mean = net.mean_pixel.view(1, 3, 1, 1)
-    if bn_after_relu:  # GLCIC-PyTorch: hole filled with the mean pixel
-        rgb = image * (1 - mask) + mean * mask
-    else:  # authors: mean subtracted, hole zeroed
-        rgb = (image - mean) * (1 - mask)
-    x = F.pad(torch.cat([rgb, mask], 1), (0, -w % 4, 0, -h % 4), mode="replicate")
+    if kind == "glcic-pytorch":  # hole filled with the mean pixel
+        colour = image * (1 - mask) + mean * mask
+    elif kind == "authors":  # mean subtracted, hole zeroed
+        colour = (image - mean) * (1 - mask)
+    else:  # mmagic: BGR, (x - 127.5) / 127.5 in 8-bit units, hole zeroed
+        colour = (image[:, [2, 1, 0]] - 0.5) / 0.5 * (1 - mask)
+    x = F.pad(torch.cat([colour, mask], 1), (0, -w % 4, 0, -h % 4), mode="replicate")
     with torch.no_grad():
         out = ref(x)[..., :h, :w]
+    if kind == "mmagic":  # BGR in [-1, 1] back to RGB in [0, 1]
+        out = (out * 0.5 + 0.5)[:, [2, 1, 0]]
     want = image * (1 - mask) + out * mask
     assert got.shape == image.shape
     assert (got - want).abs().max().item() <= 1e-4
@@ -67,9 +97,10 @@ def test_complete_any_size_matches_reference(bn_after_relu, hw):
     assert net.training, "complete() restores the training flag"
 
 
-@pytest.mark.parametrize("bn_after_relu", ORDERS)
-def test_train_mode_is_the_reference(bn_after_relu):
-    net, ref = pair(bn_after_relu, seed=5)
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_mode_is_the_reference(kind):
+    bn_after_relu, output_activation = KINDS[kind]
+    net, ref = pair(bn_after_relu, seed=5, output_activation=output_activation)
     net.train(), ref.train()
     x = torch.rand(2, 4, 32, 32, generator=torch.Generator().manual_seed(4))
     x_net, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()

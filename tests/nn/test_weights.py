@@ -74,6 +74,28 @@ def test_authors_t7(tmp_path, old_bn):
         assert (net(X) - seq(X)).abs().max().item() <= (1e-4 if not old_bn else 1e-3)
 
 
+@pytest.mark.parametrize("name,what", [
+    ("completionnet_places2_freeform.t7", "places2, trained with free-form holes"),
+    ("completionnet_places2.t7", "places2, trained with rectangular holes"),
+    ("completionnet_celeba.t7", "CelebA faces"),
+    ("my_finetune.t7", None),
+])
+def test_the_authors_models_are_named_by_their_file_names(tmp_path, name, what):
+    """The three releases share one structure and convention (their inpaint.lua runs each
+    alike); the loader says which one it holds where the file name tells."""
+    seq = authors_sequential(seed=6)
+    path = tmp_path / name
+    write_t7(path, authors_t7_table(seq, [0.4560, 0.4472, 0.4155]))
+    net = glcic_fast.load(path)
+    assert not net.bn_after_relu and net.input_convention == glcic_fast.MEAN_SUBTRACTED_ZERO_HOLE
+    assert net.output_activation == "sigmoid"
+    if what is None:
+        assert net.weights_source == f"authors' Torch7 ({path})"
+    else:
+        assert what in net.weights_source and str(path) in net.weights_source
+    assert outputs_match(net, seq)
+
+
 def test_t7_truncated(tmp_path):
     path = tmp_path / "cut.t7"
     write_t7(path, authors_t7_table(authors_sequential(seed=5), [0.5, 0.5, 0.5]))
