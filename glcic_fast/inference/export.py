@@ -3,7 +3,7 @@ Runtime, TensorRT, OpenVINO, Triton Inference Server).
 
 The file holds the eval graph with BatchNorm folded (``CompletionNet.fused_layers``), in
 standard ONNX operators only: per layer a Conv or ConvTranspose, the activation (Relu,
-Sigmoid) and, where the block is conv -> ReLU -> BN, BN's per-channel affine after it (Mul,
+Sigmoid, or Clip for mmagic's clamp) and, where the block is conv -> ReLU -> BN, BN's per-channel affine after it (Mul,
 Add). None of glcic_fast's own ops appear in it, so any ONNX engine runs it as it ships.
 Its metadata says how to build the input (the input convention as a formula, the mean
 pixel), the block order and where the weights came from, so a consumer needs nothing of
@@ -17,6 +17,7 @@ written in: no version conversion, and old enough for TensorRT 8.6 and later.
 """
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import logging
@@ -35,6 +36,7 @@ from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_
 ONNX_ACTIVATIONS = {
     "relu": torch.relu,  # Relu
     "sigmoid": torch.sigmoid,  # Sigmoid
+    "hardtanh": functools.partial(torch.clamp, min=-1.0, max=1.0),  # Clip (mmagic's output layer)
 }
 
 #: Names of the graph's input and output.

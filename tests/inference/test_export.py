@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import glcic_fast
-from glcic_fast.inference.export import CONVENTION_FORMULAS, INPUT_NAME, FoldedNet, export_onnx
+from glcic_fast.inference.export import CONVENTION_FORMULAS, INPUT_NAME, ONNX_ACTIVATIONS, FoldedNet, export_onnx
+from glcic_fast.nn.architecture import OUTPUT_ACTIVATIONS
 from glcic_fast.nn.completion_net import CompletionNet
 
 from helpers import randomize
@@ -162,6 +163,26 @@ def test_metadata_builds_the_input_without_glcic_fast(nets, exported, order):
     np.testing.assert_allclose(x, net.prepare_input(image, mask).numpy(), atol=1e-7, rtol=0)
     output = ENGINES["onnxruntime"](path, x)
     np.testing.assert_array_equal(eval(meta["output_formula"], {}, {"output": output}), output)
+
+
+def test_every_activation_is_exportable():
+    assert {"relu", *OUTPUT_ACTIVATIONS} <= set(ONNX_ACTIVATIONS)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_clamp_output_layer_matches_eval_net(nets, tmp_path, monkeypatch, engine):
+    """mmagic's output activation, a clamp to [-1, 1]: Clip in the file, the fused clamp in
+    the eval net."""
+    net = nets["conv-bn-relu"]
+    monkeypatch.setattr(net, "fused_layers", lambda dtype, device: [
+        layer._replace(activation="hardtanh") if layer.spec.name == "conv17" else layer
+        for layer in CompletionNet.fused_layers(net, dtype, device)])
+    path = tmp_path / "clamp.onnx"
+    assert export_onnx(net, path)["output_activation"] == "hardtanh"
+    x = net.prepare_input(*_photo_input(net, "132x68"))
+    want = _eval_output(net, x)
+    assert want.min() == -1 and want.max() == 1  # the clamp bites at both ends
+    assert np.abs(ENGINES[engine](path, x.numpy()) - want).max() <= FP32_TOLERANCE
 
 
 def test_every_input_convention_has_formulas():
