@@ -49,14 +49,31 @@ def expected_shapes() -> dict:
     return shapes
 
 
-def _sequential_index_map() -> dict:
-    """Authors' nn.Sequential: for layers 1-16 [conv, BN, ReLU], then conv17 and Sigmoid."""
+def _module_names(per_layer) -> dict:
+    """A layout's module name -> ours, from (spec, its conv's module, its BN's module)."""
     names = {}
-    for i, spec in enumerate(COMPLETION_LAYERS):
-        names[str(3 * i)] = spec.name
+    for spec, conv, bn in per_layer:
+        names[conv] = spec.name
         if spec.has_bn:
-            names[str(3 * i + 1)] = f"bn{spec.index}"
+            names[bn] = f"bn{spec.index}"
     return names
+
+
+#: The authors' nn.Sequential: for layers 1-16 [conv, BN, ReLU], then conv17 and Sigmoid.
+_SEQUENTIAL_NAMES = _module_names((spec, str(3 * i), str(3 * i + 1)) for i, spec in enumerate(COMPLETION_LAYERS))
+_MMAGIC_NAMES = _module_names((spec, f"{module}.conv", f"{module}.bn")
+                              for spec, module in zip(COMPLETION_LAYERS, MMAGIC_MODULES))
+
+
+def _renamed(state_dict: dict, names: dict, layout: str) -> dict:
+    """``state_dict`` with each key's module (all but its last part) renamed by ``names``."""
+    canonical = {}
+    for key, value in state_dict.items():
+        module, _, attr = key.rpartition(".")
+        if module not in names:
+            raise WeightsError(f"unexpected key {key!r} for {layout}")
+        canonical[f"{names[module]}.{attr}"] = value
+    return canonical
 
 
 def _from_mmagic(state_dict: dict) -> dict:
@@ -65,17 +82,7 @@ def _from_mmagic(state_dict: dict) -> dict:
     builds without a bias, gets a bias of zeros."""
     if any(k.startswith(_MMAGIC_GENERATOR) for k in state_dict):
         state_dict = {k[len(_MMAGIC_GENERATOR):]: v for k, v in state_dict.items() if k.startswith(_MMAGIC_GENERATOR)}
-    names = {}
-    for spec, module in zip(COMPLETION_LAYERS, MMAGIC_MODULES):
-        names[f"{module}.conv"] = spec.name
-        if spec.has_bn:
-            names[f"{module}.bn"] = f"bn{spec.index}"
-    canonical = {}
-    for key, value in state_dict.items():
-        module, _, attr = key.rpartition(".")
-        if module not in names:
-            raise WeightsError(f"unexpected key {key!r} for mmagic's Global&Local generator (GLEncoderDecoder)")
-        canonical[f"{names[module]}.{attr}"] = value
+    canonical = _renamed(state_dict, _MMAGIC_NAMES, "mmagic's Global&Local generator (GLEncoderDecoder)")
     for spec in COMPLETION_LAYERS:
         weight = canonical.get(f"{spec.name}.weight")
         if spec.has_bn and isinstance(weight, torch.Tensor) and f"{spec.name}.bias" not in canonical:
@@ -93,13 +100,7 @@ def to_canonical_state_dict(state_dict) -> Tuple[dict, str]:
     if "conv1.weight" in state_dict:
         canonical, layout = dict(state_dict), GLCIC_PYTORCH
     elif "0.weight" in state_dict and "1.running_mean" in state_dict:
-        index_map = _sequential_index_map()
-        canonical = {}
-        for key, value in state_dict.items():
-            module, _, attr = key.partition(".")
-            if module not in index_map:
-                raise WeightsError(f"unexpected key {key!r} for the authors' 50-module nn.Sequential")
-            canonical[f"{index_map[module]}.{attr}"] = value
+        canonical = _renamed(state_dict, _SEQUENTIAL_NAMES, "the authors' 50-module nn.Sequential")
         layout = AUTHORS_SEQUENTIAL
     elif "generator.encoder.enc1.conv.weight" in state_dict or "encoder.enc1.conv.weight" in state_dict:
         canonical, layout = _from_mmagic(state_dict), MMAGIC
