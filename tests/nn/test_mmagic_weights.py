@@ -417,3 +417,14 @@ def test_cli_weights(model, published, tmp_path, image_and_mask, capsys):
                    "--weights", str(tmp_path / "evil.pth"), "--no-progress", "--device", "cpu"])
     assert rc == 2 and not (tmp_path / "evil.png").exists()
     assert "could not read" in capsys.readouterr().err
+
+
+def test_region_of_interest_and_tiles_give_the_whole_images_holes(published, image_and_mask):
+    """The output mapping is pointwise: tiles still reproduce the whole image bit for bit
+    (at this size the ROI crop is the whole image: tests/inference covers smaller crops)."""
+    net = glcic_fast.load(published)
+    image, mask = image_and_mask
+    whole = net.complete(image, mask, roi=False)
+    assert torch.equal(net.complete(image, mask, roi=True), whole)
+    assert torch.equal(net.complete(image, mask, roi=False, tile=32), whole)
+    assert len(net.explain_backends(torch.zeros(1, 4, H, W))) == 17
