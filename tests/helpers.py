@@ -6,6 +6,8 @@ import os
 import torch
 
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.completion_net import CompletionNet
+from glcic_fast.nn.weights import save
 
 
 #: The repository root (tests run from any folder).
@@ -40,3 +42,12 @@ def random_image_and_mask(n, h, w, seed=0):
         y0, x0 = int(torch.randint(0, h // 2, (1,), generator=g)), int(torch.randint(0, w // 2, (1,), generator=g))
         mask[i, :, y0:y0 + h // 3 + 1, x0:x0 + w // 3 + 1] = 1
     return image, mask
+
+
+def saved_random_net(folder, seed=0, **kwargs):
+    """(net, path): a CompletionNet(**kwargs) in eval mode with random weights and BN
+    statistics, saved as ``folder``/net.safetensors."""
+    net = randomize(CompletionNet(**kwargs), seed=seed).eval()
+    path = os.path.join(folder, "net.safetensors")
+    save(net, path)
+    return net, path

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from glcic_fast.devices import parse_dtype
 from glcic_fast.files import atomic_write
 from glcic_fast.nn.architecture import IN_CHANNELS, SIZE_MULTIPLE
-from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet, FusedLayer
+from glcic_fast.nn.completion_net import (MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, MMAGIC_MEAN, MMAGIC_STD,
+                                          SIGNED_BGR_ZERO_HOLE, CompletionNet, FusedLayer)
 
 #: Each layer activation's name -> a torch function the ONNX exporter turns into one
 #: standard operator. A new activation is one entry here.
@@ -51,10 +52,14 @@ OPSET = 18
 #: read its output, as numpy expressions of ``image`` (N x 3 x H x W, RGB in [0, 1]),
 #: ``mask`` (N x 1 x H x W, 1 = fill), ``mean_pixel`` (1 x 3 x 1 x 1) and ``output`` (the
 #: network's N x 3 x H x W): the input is ``concatenate([colour, mask], axis=1)``, the
-#: output formula gives RGB in [0, 1]. CompletionNet's ``prepare_input`` is what they state.
+#: output formula gives RGB in [0, 1]. CompletionNet's ``prepare_input`` and
+#: ``output_to_image`` are what they state.
 CONVENTION_FORMULAS = {
     MEAN_FILLED_HOLE: ("image * (1 - mask) + mean_pixel * mask", "output"),
     MEAN_SUBTRACTED_ZERO_HOLE: ("(image - mean_pixel) * (1 - mask)", "output"),
+    # mmagic's: BGR (channels reversed), scaled to [-1, 1], hole 0; the output likewise.
+    SIGNED_BGR_ZERO_HOLE: (f"(image[:, ::-1] - {MMAGIC_MEAN}) / {MMAGIC_STD} * (1 - mask)",
+                           f"(output * {MMAGIC_STD} + {MMAGIC_MEAN})[:, ::-1]"),
 }
 
 

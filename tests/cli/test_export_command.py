@@ -11,7 +11,7 @@ import torch
 import glcic_fast
 from glcic_fast.cli import commands as cli
 
-from helpers import REPO, randomize
+from helpers import REPO, saved_random_net
 
 ort = pytest.importorskip("onnxruntime", reason="reading the exported files needs onnxruntime (the test extra)")
 pytest.importorskip("onnxscript", reason="exporting needs onnxscript (the export extra installs it)")
@@ -19,10 +19,7 @@ pytest.importorskip("onnxscript", reason="exporting needs onnxscript (the export
 
 @pytest.fixture(scope="module")
 def net_and_weights(tmp_path_factory):
-    net = randomize(glcic_fast.CompletionNet(), seed=5).eval()
-    path = tmp_path_factory.mktemp("weights") / "net.safetensors"
-    glcic_fast.save(net, path)
-    return net, str(path)
+    return saved_random_net(tmp_path_factory.mktemp("weights"), seed=5)
 
 
 def _run(*argv):

@@ -1,7 +1,8 @@
 """glcic_fast.export_onnx: the ONNX file in ONNX Runtime (CPU provider) and OpenVINO (CPU)
-against glcic_fast's eval net, both block orders, random weights and BN statistics, on
-real photos at three sizes (none the size the exporter traced); its metadata read back
-and used as a consumer would; the fixed-shape file; the refusals."""
+against glcic_fast's eval net, for both block orders and mmagic's clamped net, random
+weights and BN statistics, on real photos at three sizes (none the size the exporter
+traced); its metadata read back and used as a consumer would; the fixed-shape file; the
+refusals."""
 
 import functools
 import json
@@ -16,14 +17,18 @@ from glcic_fast.inference.export import CONVENTION_FORMULAS, INPUT_NAME, ONNX_AC
 from glcic_fast.nn.architecture import OUTPUT_ACTIVATIONS
 from glcic_fast.nn.completion_net import CompletionNet
 
-from helpers import randomize
+from helpers import randomize, saved_random_net
 from photos import photo, rect_mask
 
 ort = pytest.importorskip("onnxruntime", reason="the parity tests need onnxruntime (the test extra installs it)")
 ov = pytest.importorskip("openvino", reason="the parity tests need openvino (the test extra installs it)")
 pytest.importorskip("onnxscript", reason="exporting needs onnxscript (the export extra installs it)")
 
-ORDERS = {"conv-relu-bn": True, "conv-bn-relu": False}
+#: The nets exported: GLCIC-PyTorch's block order (BN's affine after the ReLU: Mul, Add in
+#: the file), the authors' (BN folded into the conv), mmagic's (the authors' order with the
+#: output clamp and its BGR, [-1, 1] convention).
+NETS = {"conv-relu-bn": {"bn_after_relu": True}, "conv-bn-relu": {"bn_after_relu": False},
+        "mmagic-clamp": {"bn_after_relu": False, "output_activation": "hardtanh"}}
 #: (photos, H, W): none is the 64 x 64 the dynamic export traces; one non-square, one batch of 2.
 SIZES = {"48x48": (("astronaut",), 48, 48), "2x96x128": (("chelsea", "coffee"), 96, 128),
          "132x68": (("rocket",), 132, 68)}
@@ -49,28 +54,27 @@ ENGINES = {
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
-    """Per block order, a net with random weights and BN statistics and a mean pixel of its
-    own, saved and loaded back (so its weights' source is a file)."""
+    """Each of NETS with random weights and BN statistics and a mean pixel of its own,
+    saved and loaded back (so its weights' source is a file)."""
     loaded = {}
-    for order, bn_after_relu in ORDERS.items():
-        path = tmp_path_factory.mktemp("weights") / f"{order}.safetensors"
-        net = randomize(CompletionNet(bn_after_relu, mean_pixel=(0.3, 0.5, 0.7)), seed=7 + bn_after_relu)
-        glcic_fast.save(net, path)
-        loaded[order] = glcic_fast.load(path).eval()
+    for seed, (name, kwargs) in enumerate(NETS.items()):
+        _, path = saved_random_net(tmp_path_factory.mktemp("weights"), seed=7 + seed, mean_pixel=(0.3, 0.5, 0.7),
+                                   **kwargs)
+        loaded[name] = glcic_fast.load(path).eval()
     return loaded
 
 
 @pytest.fixture(scope="module")
 def exported(nets, tmp_path_factory):
-    """exported(order, dtype=torch.float32): the path of the net's dynamic-shape file, written once."""
+    """exported(name, dtype=torch.float32): the path of the net's dynamic-shape file, written once."""
     paths = {}
 
-    def get(order, dtype=torch.float32):
-        if (order, dtype) not in paths:
-            path = tmp_path_factory.mktemp("onnx") / f"{order}-{str(dtype)[6:]}.onnx"
-            export_onnx(nets[order], path, dtype=dtype)
-            paths[order, dtype] = path
-        return paths[order, dtype]
+    def get(name, dtype=torch.float32):
+        if (name, dtype) not in paths:
+            path = tmp_path_factory.mktemp("onnx") / f"{name}-{str(dtype)[6:]}.onnx"
+            export_onnx(nets[name], path, dtype=dtype)
+            paths[name, dtype] = path
+        return paths[name, dtype]
 
     return get
 
@@ -89,21 +93,32 @@ def _eval_output(net, x):
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("order", ORDERS)
-def test_fp32_file_matches_eval_net(nets, exported, order, engine, size):
-    net = nets[order]
+@pytest.mark.parametrize("name", NETS)
+def test_fp32_file_matches_eval_net(nets, exported, name, engine, size):
+    net = nets[name]
     x = net.prepare_input(*_photo_input(net, size))
     want = _eval_output(net, x)
-    got = ENGINES[engine](exported(order), x.numpy())
+    got = ENGINES[engine](exported(name), x.numpy())
     assert got.shape == want.shape and got.dtype == np.float32
     diff = np.abs(got - want).max()
-    assert diff <= FP32_TOLERANCE, f"{engine}, {order}, {size}: max |diff| {diff:.2e} to the eval net"
+    assert diff <= FP32_TOLERANCE, f"{engine}, {name}, {size}: max |diff| {diff:.2e} to the eval net"
 
 
-@pytest.mark.parametrize("order", ORDERS)
-def test_folded_net_is_the_eval_net(nets, order):
+def test_clamp_bites(nets, exported):
+    """mmagic's net: the file holds Clip, and on these weights the clamp takes effect at both
+    ends (so the parity above covers it)."""
+    import onnx
+
+    assert "Clip" in {node.op_type for node in onnx.load(str(exported("mmagic-clamp"))).graph.node}
+    net = nets["mmagic-clamp"]
+    want = _eval_output(net, net.prepare_input(*_photo_input(net, "132x68")))
+    assert want.min() == -1 and want.max() == 1
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_folded_net_is_the_eval_net(nets, name):
     """FoldedNet, the graph the file holds (and the fp16 test's emulation runs), in PyTorch."""
-    net = nets[order]
+    net = nets[name]
     x = net.prepare_input(*_photo_input(net, "132x68"))
     with torch.inference_mode():
         got = FoldedNet(net).eval()(x).numpy()
@@ -122,12 +137,12 @@ def _fp16_storage_output(net, x):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("order", ORDERS)
-def test_fp16_file_within_fp16_rounding(nets, exported, order, engine):
+@pytest.mark.parametrize("name", NETS)
+def test_fp16_file_within_fp16_rounding(nets, exported, name, engine):
     """The fp16 file's error to the fp32 eval net is that of storing weights and
     activations in fp16, give or take the output's last fp16 bit (2^-11 near 1): the
     engines run the same graph, only in another order of summation."""
-    net, path = nets[order], exported(order, torch.float16)
+    net, path = nets[name], exported(name, torch.float16)
     for size in SIZES:
         x = net.prepare_input(*_photo_input(net, size))
         want = _eval_output(net, x)
@@ -136,24 +151,25 @@ def test_fp16_file_within_fp16_rounding(nets, exported, order, engine):
         error = np.abs(got.astype(np.float32) - want).max()
         storage_error = np.abs(_fp16_storage_output(net, x) - want).max()
         assert error <= storage_error + 2 ** -11, (
-            f"{engine}, {order}, {size}: fp16 file's max |diff| {error:.2e}, fp16 storage alone {storage_error:.2e}")
+            f"{engine}, {name}, {size}: fp16 file's max |diff| {error:.2e}, fp16 storage alone {storage_error:.2e}")
 
 
-@pytest.mark.parametrize("order", ORDERS)
-def test_metadata_builds_the_input_without_glcic_fast(nets, exported, order):
+@pytest.mark.parametrize("name", NETS)
+def test_metadata_builds_the_input_without_glcic_fast(nets, exported, name):
     """What a consumer reads (ONNX Runtime's and OpenVINO's view of the metadata) states the
-    net: its input formula evaluated with numpy is prepare_input, its output formula the
-    image, and the block order, mean pixel and weights' source are the net's."""
-    net, path = nets[order], str(exported(order))
+    net: its input formula evaluated with numpy is prepare_input, its output formula
+    output_to_image, and the block order, mean pixel and weights' source are the net's."""
+    net, path = nets[name], str(exported(name))
     meta = _onnxruntime_session(path).get_modelmeta().custom_metadata_map
     model = ov.Core().read_model(path)
     assert {key: model.get_rt_info(["framework", key]).astype(str) for key in meta} == meta
     assert meta["input_convention"] == net.input_convention
-    assert meta["block_order"].startswith("conv -> ReLU -> BN" if ORDERS[order] else "conv -> BN -> ReLU")
+    order = "conv -> ReLU -> BN" if NETS[name]["bn_after_relu"] else "conv -> BN -> ReLU"
+    assert meta["block_order"].startswith(order)
     assert meta["weights_source"] == net.weights_source and net.weights_source.startswith("glcic_fast (")
     assert json.loads(meta["mean_pixel"]) == pytest.approx([0.3, 0.5, 0.7])
     assert (meta["dtype"], meta["shape"], meta["size_multiple"], meta["output_activation"]) == \
-        ("float32", "dynamic", "4", "sigmoid")
+        ("float32", "dynamic", "4", net.output_activation)
 
     image, mask = _photo_input(net, "132x68")
     names = {"image": image.numpy(), "mask": mask.numpy(),
@@ -162,27 +178,12 @@ def test_metadata_builds_the_input_without_glcic_fast(nets, exported, order):
     x = np.concatenate([colour, names["mask"]], axis=1)
     np.testing.assert_allclose(x, net.prepare_input(image, mask).numpy(), atol=1e-7, rtol=0)
     output = ENGINES["onnxruntime"](path, x)
-    np.testing.assert_array_equal(eval(meta["output_formula"], {}, {"output": output}), output)
+    np.testing.assert_allclose(eval(meta["output_formula"], {}, {"output": output}),
+                               net.output_to_image(torch.from_numpy(output)).numpy(), atol=1e-7, rtol=0)
 
 
 def test_every_activation_is_exportable():
     assert {"relu", *OUTPUT_ACTIVATIONS} <= set(ONNX_ACTIVATIONS)
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_clamp_output_layer_matches_eval_net(nets, tmp_path, monkeypatch, engine):
-    """mmagic's output activation, a clamp to [-1, 1]: Clip in the file, the fused clamp in
-    the eval net."""
-    net = nets["conv-bn-relu"]
-    monkeypatch.setattr(net, "fused_layers", lambda dtype, device: [
-        layer._replace(activation="hardtanh") if layer.spec.name == "conv17" else layer
-        for layer in CompletionNet.fused_layers(net, dtype, device)])
-    path = tmp_path / "clamp.onnx"
-    assert export_onnx(net, path)["output_activation"] == "hardtanh"
-    x = net.prepare_input(*_photo_input(net, "132x68"))
-    want = _eval_output(net, x)
-    assert want.min() == -1 and want.max() == 1  # the clamp bites at both ends
-    assert np.abs(ENGINES[engine](path, x.numpy()) - want).max() <= FP32_TOLERANCE
 
 
 def test_every_input_convention_has_formulas():
