@@ -23,6 +23,7 @@ import torch
 
 from glcic_fast import CompletionNet, ops
 from glcic_fast.ops import dispatch
+from glcic_fast.inference.export import FoldedNet
 from glcic_fast.nn.architecture import completion_macs
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
@@ -59,24 +60,6 @@ def weights():
     return CompletionNet(BN_AFTER_RELU).state_dict()
 
 
-def _folded_reference(net: CompletionNet) -> torch.nn.Sequential:
-    """The reference graph with BN folded (conv -> BN -> ReLU order): conv + ReLU modules."""
-    modules = []
-    for layer in net.fused_layers(torch.float32, torch.device(DEVICE)):
-        if layer.post_scale is not None:
-            raise ValueError("the folded reference is conv + activation only: it cannot hold the BN affine "
-                             "after the ReLU of conv -> ReLU -> BN nets")
-        spec = layer.spec
-        cls = torch.nn.ConvTranspose2d if spec.transposed else torch.nn.Conv2d
-        conv = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
-                   dilation=spec.dilation).to(DEVICE)
-        with torch.no_grad():
-            conv.weight.copy_(layer.weight)
-            conv.bias.copy_(layer.bias)
-        modules += [conv, torch.nn.ReLU(inplace=True) if spec.has_bn else torch.nn.Sigmoid()]
-    return torch.nn.Sequential(*modules)
-
-
 def _build(variant, state):
     """(callable taking the fp32 NCHW input, input preparation) for a variant."""
     if variant.startswith("reference") or variant.startswith("compile"):
@@ -91,7 +74,7 @@ def _build(variant, state):
         net = CompletionNet(BN_AFTER_RELU).to(DEVICE)
         net.load_state_dict(state)
         net.eval()
-        folded = _folded_reference(net).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        folded = FoldedNet(net, torch.bfloat16, DEVICE).to(memory_format=torch.channels_last)
         # A fresh Dynamo state and static shapes: the second batch size must be compiled
         # for its own shape, not recompiled with a dynamic batch dimension (Dynamo's
         # automatic dynamic shapes after a guard failure), which is a different program.
