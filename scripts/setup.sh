@@ -10,4 +10,4 @@ python3 -m venv .venv
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then
   export CUDA_HOME=/usr/local/cuda  # the nvcc on PATH may be a wrapper script
 fi
-MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/pip install -q --no-build-isolation -e ".[test,train]"
+MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/pip install -q --no-build-isolation -e ".[test,train,serve]"

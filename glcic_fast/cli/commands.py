@@ -9,7 +9,7 @@ unexpected; ``train`` adds its own (see cli/train.py).
 import argparse
 import sys
 
-from glcic_fast.cli import bench, complete, export, train
+from glcic_fast.cli import bench, complete, export, serve, train
 from glcic_fast.cli.common import UsageError
 
 
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description=export.DESCRIPTION)
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+    p = sub.add_parser("serve", help="serve completion over HTTP, batching concurrent requests",
+                       description=serve.DESCRIPTION)
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
     p = sub.add_parser("train", help="train the completion network as in the paper (resumable; DDP via torchrun)")
     train.add_arguments(p)
     p.set_defaults(func=train.run)

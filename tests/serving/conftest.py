@@ -1,0 +1,79 @@
+"""Serving test fixtures: a real uvicorn server on a free loopback port, in a thread; a
+runner with a gate that holds batches until a test lets them go."""
+
+import contextlib
+import threading
+import time
+
+
+
+class GatedRunner:
+    """Runs batches through the network, recording their shapes; while ``gate`` is clear,
+    each batch waits in the runner (a busy device, deterministically)."""
+
+    def __init__(self, net, forward=None):
+        from glcic_fast.inference.completion import run_network
+
+        self.net = net
+        self.forward = forward or (lambda x: run_network(net, x))
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.shapes = []
+
+    @contextlib.contextmanager
+    def held(self):
+        """Batches wait in the runner within the block, until ``gate.set()`` (at the latest
+        when the block ends, so that a failing test does not leave the server hanging)."""
+        self.entered.clear()
+        self.gate.clear()
+        try:
+            yield
+        finally:
+            self.gate.set()
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        self.entered.set()
+        assert self.gate.wait(120), "the test never opened the gate"
+        return self.forward(x)
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serves ``app`` on 127.0.0.1 (a free port) until the block ends; yields the base URL
+    once /readyz answers 200."""
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def metric(url, name, labels=""):
+    """A sample's value from /metrics (0 when absent)."""
+    import httpx
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            rendered = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            if sample.name == name and rendered == labels:
+                return sample.value
+    return 0.0
