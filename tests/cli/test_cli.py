@@ -466,3 +466,30 @@ def test_a_file_that_does_not_decode_stops_a_folder_run_without_a_traceback(fold
                "--no-progress", "--workers", str(workers)) == 2
     err = _one_line(capsys.readouterr().err)
     assert f"could not read an image from {broken}" in err
+
+
+def test_folder_through_the_engine_writes_the_files_of_the_whole_image_path(folder, weights, net, monkeypatch,
+                                                                          shape_invariant_convs):
+    """The folder command runs the throughput engine (ROI crops, batched across images);
+    its files are byte for byte the files of the whole-image path it replaced (each image
+    through the network whole, then written the same way), in fp32 with convolutions that
+    compute a pixel the same way in any tensor size (see tests/conftest.py)."""
+    from glcic_fast.imageio import write_image
+    from glcic_fast.inference import engine
+
+    _write_photo(folder / "images" / "big.png", "rocket", 480, 520)  # a hole small enough for ROI to pay
+    mask = np.zeros((480, 520), np.uint8)
+    mask[200:224, 300:324] = 255
+    cv2.imwrite(str(folder / "masks" / "big.png"), mask)
+    shapes = []
+    forward = engine.run_network
+    monkeypatch.setattr(engine, "run_network", lambda n, x: shapes.append(tuple(x.shape)) or forward(n, x))
+    out, expected = folder / "out", folder / "expected"
+    expected.mkdir()
+    assert run("complete", folder / "images", "--masks", folder / "masks", "-o", out, "--weights", weights,
+               "--no-progress", "--workers", "0", "--batch-size", "2") == 0
+    assert any(s[-2:] != (480, 520) and s[-2] * s[-1] < 480 * 520 / 2 for s in shapes)  # big.png: a crop
+    for name in sorted(os.listdir(folder / "images")):
+        image, hole = read_image(folder / "images" / name), read_mask(folder / "masks" / name)
+        write_image(expected / name, complete_with(net, image, hole, roi=False, postprocess=True))
+        assert (out / name).read_bytes() == (expected / name).read_bytes(), name
