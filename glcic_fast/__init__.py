@@ -1,5 +1,7 @@
 """glcic_fast: fast, exact GLCIC image completion (Iizuka et al., SIGGRAPH 2017)."""
 
+import sys
+
 from glcic_fast import ops
 from glcic_fast.nn import reference
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
@@ -11,6 +13,10 @@ from glcic_fast.nn.weights import WeightsError, load, save
 #: GLCIC-PyTorch's class name for the same network, so that a drop-in swap changes only the
 #: import line (``CompletionNetwork()`` takes no arguments there either).
 CompletionNetwork = CompletionNet
+
+# The reference oracle was the module glcic_fast.reference before the package was arranged
+# by role: `import glcic_fast.reference` keeps working.
+sys.modules[__name__ + ".reference"] = reference
 
 __version__ = "0.1.0"
 

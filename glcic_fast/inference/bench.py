@@ -54,7 +54,7 @@ def compare(net: CompletionNet, image: torch.Tensor, mask: torch.Tensor, repeats
     one completion of ``image`` / ``mask`` (3 x H x W, 1 x H x W; H, W multiples of 4),
     both networks in ``dtype`` on the net's device (``net`` itself is left as it is)."""
     device = next(net.parameters()).device
-    reference = ReferenceCompletionNet(net.bn_after_relu).to(device)
+    reference = ReferenceCompletionNet(net.bn_after_relu, net.output_activation).to(device)
     reference.load_state_dict(net.state_dict())
     reference.eval()
     net.eval()

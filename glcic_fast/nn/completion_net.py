@@ -68,12 +68,12 @@ PLACES2_MEAN_PIXEL = (0.4560, 0.4472, 0.4155)
 class FusedLayer(NamedTuple):
     """One layer as the fused op runs it: act(conv(x, weight) + bias) [* post_scale + post_shift]."""
     spec: object
-    #: The epilogue's activation (a name of glcic_fast.ops.conv2d_bias_act's ACTIVATIONS).
-    activation: str
     weight: torch.Tensor
     bias: torch.Tensor
     post_scale: Optional[torch.Tensor]
     post_shift: Optional[torch.Tensor]
+    #: The epilogue's activation (a name of glcic_fast.ops.conv2d_bias_act's ACTIVATIONS).
+    activation: str
 
 
 class CompletionNet(ReferenceCompletionNet):
@@ -220,14 +220,17 @@ class CompletionNet(ReferenceCompletionNet):
             cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
             weight = cast(weight).contiguous(memory_format=torch.channels_last)
             activation = spec.activation if spec.has_bn else check_output_activation(self.output_activation)
-            layers.append(FusedLayer(spec, activation, weight, cast(bias), cast(post_scale), cast(post_shift)))
+            layers.append(FusedLayer(spec, weight, cast(bias), cast(post_scale), cast(post_shift), activation))
         return layers
 
     # -- weights ---------------------------------------------------------------------------
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accepts this network's own keys (GLCIC-PyTorch's, with or without the
-        ``module.`` prefix), the authors' layout converted to PyTorch (nn.Sequential
-        keys ``0.weight``, ``1.running_mean``, ...) and mmagic's Global&Local generator
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """The drop-in contract, on every way weights reach this net (its own
+        ``load_state_dict``, a parent module's or a wrapper's, ``nn.Module.load_state_dict``):
+        it accepts this network's own keys (GLCIC-PyTorch's, with or without the ``module.``
+        prefix), the authors' layout converted to PyTorch (nn.Sequential keys ``0.weight``,
+        ``1.running_mean``, ...) and mmagic's Global&Local generator
         (``generator.encoder.enc1.conv.weight``, ... or the generator's own keys), and runs
         the graph the weights need: the authors' block order where the state dict proves it
         (their nn.Sequential keys, mmagic's, or a negative BN running mean, which only
@@ -235,8 +238,9 @@ class CompletionNet(ReferenceCompletionNet):
         explicit ``bn_after_relu``; mmagic's clamp to [-1, 1] for mmagic's layout, else the
         sigmoid, unless built with an explicit ``output_activation``. A state dict that
         proves the other order than the one chosen, or whose output activation the chosen
-        input convention cannot read, raises ``WeightsError``."""
-        canonical, layout = to_canonical_state_dict(state_dict)
+        input convention cannot read, raises ``WeightsError`` before any tensor is loaded."""
+        own = {key[len(prefix):]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
+        canonical, layout = to_canonical_state_dict(own)
         proven, reason = proven_block_order(canonical, layout)
         if self._order_chosen and proven is not None and proven != self.bn_after_relu:
             raise WeightsError(
@@ -254,12 +258,13 @@ class CompletionNet(ReferenceCompletionNet):
             except ValueError as exc:
                 raise WeightsError(f"these weights ({layout} layout) run output_activation={activation!r}: {exc}. "
                                    "Leave input_convention unset to follow the weights") from None
-        result = super().load_state_dict(canonical, strict=strict, assign=assign)
         if not self._order_chosen:
             self.bn_after_relu = GLCIC_PYTORCH_ORDER if proven is None else proven
             self.block_order_reason = "default, GLCIC-PyTorch's" if proven is None else f"from the weights: {reason}"
         self.output_activation = activation
-        return result
+        state_dict.update({prefix + key: value for key, value in canonical.items()})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, image: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from glcic_fast.nn.state_dict import strip_module_prefix
+from glcic_fast.nn.state_dict import strip_module_prefix, unwrap_checkpoint, with_bn_counters
 
 #: Output channels of the k-th 5x5 stride-2 conv (paper: the local trunk uses the first
 #: five, the global trunk the first six). Further convs, if asked for, keep 512.
@@ -161,10 +161,7 @@ def load_discriminator(source, *, bn_after_relu: bool = True, map_location="cpu"
     """
     if isinstance(source, (str, os.PathLike)):
         obj = torch.load(os.fspath(source), map_location=map_location, weights_only=True)
-        for wrapper in ("state_dict", "model", "model_cd", "discriminator"):
-            if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-        source = obj
+        source = unwrap_checkpoint(obj, ("state_dict", "model", "model_cd", "discriminator"))
     if not isinstance(source, dict):
         raise ValueError(f"expected a discriminator state dict, got {type(source).__name__}")
     state = strip_module_prefix(source)
@@ -176,9 +173,5 @@ def load_discriminator(source, *, bn_after_relu: bool = True, map_location="cpu"
                          "are not prefixes of one sequence")
     disc = ContextDiscriminator(local_side * 2 ** nl, global_side * 2 ** ng, bn_after_relu,
                                 local_convs=nl, global_convs=ng, channels=longest)
-    # num_batches_tracked is bookkeeping some saves lack.
-    for key, value in disc.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
-    disc.load_state_dict(state)
+    disc.load_state_dict(with_bn_counters(disc, state))
     return disc

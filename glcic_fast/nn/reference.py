@@ -2,7 +2,7 @@
 
 Kept deliberately obvious: one module per paper layer, applied in order, nothing fused.
 State-dict keys are GLCIC-PyTorch's, and so is the default block order, so a
-GLCIC-PyTorch checkpoint loads into ``ReferenceCompletionNet()`` as it is.
+GLCIC-PyTorch checkpoint loads into ``ReferenceCompletionNet(bn_after_relu=True)`` as it is.
 """
 
 import torch
@@ -27,13 +27,14 @@ def check_output_activation(value: str) -> str:
 class ReferenceCompletionNet(nn.Module):
     """C(x, M): N x 4 x H x W -> N x 3 x H x W in (0, 1) (sigmoid) or [-1, 1] (hardtanh).
 
-    ``bn_after_relu=True`` (default): conv -> ReLU -> BN (GLCIC-PyTorch).
-    ``bn_after_relu=False``: conv -> BN -> ReLU (the authors' Torch7 model, mmagic's).
+    ``bn_after_relu=False`` (default): conv -> BN -> ReLU (the authors' Torch7 model, mmagic's).
+    ``bn_after_relu=True``: conv -> ReLU -> BN (GLCIC-PyTorch).
+    The oracle takes the order it is given and never infers it (``CompletionNet`` does).
     ``output_activation``: "sigmoid" (default, the paper's) or "hardtanh" (mmagic's clip
     to [-1, 1], ``torch.clamp`` as mmagic applies it).
     """
 
-    def __init__(self, bn_after_relu: bool = True, output_activation: str = "sigmoid"):
+    def __init__(self, bn_after_relu: bool = False, output_activation: str = "sigmoid"):
         super().__init__()
         self.bn_after_relu = bn_after_relu
         self.output_activation = check_output_activation(output_activation)

@@ -159,3 +159,21 @@ def proven_block_order(canonical: dict, layout: str) -> Tuple[Optional[bool], st
                 return False, (f"{key} has negative values, which only a BN before the ReLU learns "
                                "(after a ReLU a BN sees values >= 0)")
     return None, "the keys and statistics fit either block order"
+
+
+def unwrap_checkpoint(obj, wrappers):
+    """The state dict inside a training script's checkpoint: ``obj[w]`` for each key ``w`` of
+    ``wrappers`` in turn that holds a dict (e.g. {"state_dict": {...}, "optimizer": ...})."""
+    for wrapper in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    return obj
+
+
+def with_bn_counters(module, state: dict) -> dict:
+    """``state`` with the BatchNorm ``num_batches_tracked`` counters ``module`` has and
+    ``state`` lacks: training bookkeeping that some layouts do not carry."""
+    for key, value in module.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    return state

@@ -33,7 +33,8 @@ from glcic_fast.files import atomic_write
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 from glcic_fast.nn.completion_net import (MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, PLACES2_MEAN_PIXEL,
                                           SIGNED_BGR_ZERO_HOLE, CompletionNet, layout_output_activation)
-from glcic_fast.nn.state_dict import GLCIC_PYTORCH, MMAGIC, WeightsError, proven_block_order, to_canonical_state_dict
+from glcic_fast.nn.state_dict import (GLCIC_PYTORCH, MMAGIC, WeightsError, proven_block_order, to_canonical_state_dict,
+                                      unwrap_checkpoint, with_bn_counters)
 
 FORMAT_NAME = "glcic_fast"
 FORMAT_VERSION = "1"
@@ -176,10 +177,7 @@ def _load_weights_only(path):
 
 def _read_pickled_state_dict(path):
     obj = _load_weights_only(path)
-    for wrapper in ("state_dict", "model", "model_cn"):  # common training-script wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    return obj
+    return unwrap_checkpoint(obj, ("state_dict", "model", "model_cn"))  # common training-script wrappers
 
 
 @contextlib.contextmanager
@@ -323,17 +321,15 @@ def load(source, config=None, *, backend: Optional[str] = None) -> CompletionNet
         net = CompletionNet(False, input_convention=MEAN_SUBTRACTED_ZERO_HOLE,
                             mean_pixel=PLACES2_MEAN_PIXEL if mean is None else mean, backend=backend)
         net.block_order_reason = f"from the weights: {reason}"
-        net.weights_source = _authors_source("authors' layout, converted", path)
+        kind = ("authors' layout, converted" if layout != GLCIC_PYTORCH
+                else "GLCIC-PyTorch's keys, the authors' block order (from the BN statistics)")
+        net.weights_source = _authors_source(kind, path)
     _load_canonical(net, canonical)
     return net
 
 
 def _load_canonical(net: CompletionNet, state: dict):
-    # num_batches_tracked is training bookkeeping that some layouts do not carry.
-    for key, value in net.state_dict().items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
-    net.load_state_dict(state, strict=True)  # refuses weights that prove the other block order
+    net.load_state_dict(with_bn_counters(net, state), strict=True)  # refuses weights that prove the other block order
 
 
 def save(net: CompletionNet, path) -> None:

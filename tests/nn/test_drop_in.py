@@ -200,3 +200,56 @@ def test_glcic_fast_load_refuses_our_file_whose_statistics_contradict_its_metada
     glcic_fast.save(source, tmp_path / "w.safetensors")
     with pytest.raises(WeightsError, match="negative values"):
         glcic_fast.load(tmp_path / "w.safetensors")
+
+
+class _Inpainter(nn.Module):
+    """A user's own module holding the net, as training scripts and wrappers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = CompletionNet()
+
+
+@pytest.mark.parametrize("how", ["parent module", "nn.Module.load_state_dict", "DataParallel prefix"])
+def test_the_contract_holds_however_the_weights_arrive(how):
+    """A parent's load_state_dict, or nn.Module's called directly, never passes through
+    CompletionNet.load_state_dict: the block order must still follow the weights."""
+    peer = randomize_peer(authors_sequential(), bn_after_relu=False, seed=10)
+    source = CompletionNet(bn_after_relu=False)
+    source.load_state_dict(peer.state_dict())
+    if how == "parent module":
+        holder = _Inpainter()
+        holder.load_state_dict({"generator." + k: v for k, v in source.state_dict().items()})
+        net = holder.generator
+    elif how == "nn.Module.load_state_dict":
+        net = CompletionNet()
+        nn.Module.load_state_dict(net, source.state_dict())
+    else:
+        net = CompletionNet()
+        net.load_state_dict({"module." + k: v for k, v in source.state_dict().items()})
+    assert not net.bn_after_relu
+    _assert_same_as_peer(net, peer, train=False)
+
+
+def test_the_authors_sequential_keys_load_under_a_parent_module():
+    peer = randomize_peer(authors_sequential(), bn_after_relu=False, seed=11)
+    holder = _Inpainter()
+    holder.load_state_dict({"generator." + k: v for k, v in peer.state_dict().items()})
+    assert not holder.generator.bn_after_relu
+    _assert_same_as_peer(holder.generator, peer, train=False)
+
+
+def test_glcic_fast_load_says_where_it_took_the_order_from(tmp_path):
+    source = CompletionNet(bn_after_relu=False)
+    source.load_state_dict(randomize_peer(authors_sequential(), False, seed=12).state_dict())
+    torch.save(source.state_dict(), tmp_path / "renamed.pth")
+    net = glcic_fast.load(tmp_path / "renamed.pth")
+    assert "GLCIC-PyTorch's keys, the authors' block order (from the BN statistics)" in net.weights_source
+
+
+def test_the_reference_module_keeps_its_old_import_path():
+    import glcic_fast.reference
+    from glcic_fast.reference import ReferenceCompletionNet
+
+    assert glcic_fast.reference is glcic_fast.nn.reference
+    assert ReferenceCompletionNet().bn_after_relu is False  # the oracle's default order is unchanged
