@@ -7,7 +7,8 @@ from glcic_fast.nn import reference
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 from glcic_fast.inference.api import complete
 from glcic_fast.inference.export import export_onnx
-from glcic_fast.nn.completion_net import MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, CompletionNet
+from glcic_fast.nn.completion_net import (MEAN_FILLED_HOLE, MEAN_SUBTRACTED_ZERO_HOLE, SIGNED_BGR_ZERO_HOLE,
+                                         CompletionNet)
 from glcic_fast.nn.weights import WeightsError, load, save
 
 #: GLCIC-PyTorch's class name for the same network, so that a drop-in swap changes only the
@@ -21,4 +22,4 @@ sys.modules[__name__ + ".reference"] = reference
 __version__ = "0.1.0"
 
 __all__ = ["CompletionNet", "CompletionNetwork", "load", "save", "complete", "export_onnx", "ops", "reference",
-           "COMPLETION_LAYERS", "MEAN_FILLED_HOLE", "MEAN_SUBTRACTED_ZERO_HOLE", "WeightsError"]
+           "COMPLETION_LAYERS", "MEAN_FILLED_HOLE", "MEAN_SUBTRACTED_ZERO_HOLE", "SIGNED_BGR_ZERO_HOLE", "WeightsError"]
