@@ -14,6 +14,7 @@ weights, a missing extra), 1 anything unexpected.
 import argparse
 import importlib.util
 import os
+import signal
 
 from glcic_fast.cli import common, complete
 from glcic_fast.cli.common import UsageError
@@ -107,14 +108,16 @@ def run(args):
     from glcic_fast.serving.app import create_app
 
     config = ServiceConfig(**dict(config.as_dict(), device=str(device)))
-    # uvicorn's own SIGTERM/SIGINT handling: stop accepting, finish the requests in flight
-    # (no time limit), then the app's shutdown drains the engine.
+    # uvicorn handles SIGTERM and SIGINT: it stops accepting, answers the requests in flight
+    # (no time limit), runs the app's shutdown (which drains the engine), then raises the
+    # signal again for the handler it found. These handlers take it: the exit status is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(create_app(net, config), host=args.host, port=args.port, log_level="info")
     return 0
 
 
 def _serve_on_ray(args, config):
-    import signal
     import threading
 
     import ray
@@ -123,10 +126,10 @@ def _serve_on_ray(args, config):
     from glcic_fast.serving.ray_app import NAME, application
 
     weights = "random" if args.random_weights else (args.weights or os.environ.get("GLCIC_FAST_WEIGHTS"))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(include_dashboard=False)  # the cluster in $RAY_ADDRESS, else a local one
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(application(os.path.abspath(weights) if weights != "random" else weights, config),

@@ -9,9 +9,11 @@ a path every node can read), the :class:`ServiceConfig` fields (``device``, ``dt
 ``max_batch``, ``max_wait_ms``, ``max_pixels``, ``max_body_bytes``, ``max_queue``,
 ``min_fill``) and the scaling settings:
 
-- ``num_gpus`` per replica: default 1 when the cluster has GPUs (so Ray places one
-  replica per GPU and sets its CUDA_VISIBLE_DEVICES), else 0 (``num_cpus`` then, default 1).
-- ``min_replicas`` (default 1), ``max_replicas`` (default: the cluster's GPUs, at least 1):
+- ``num_gpus`` per replica: default 1 when there are GPUs (so Ray places one replica per
+  GPU and sets its CUDA_VISIBLE_DEVICES), else 0 (``num_cpus`` then, default 1).
+- ``min_replicas`` (default 1), ``max_replicas`` (default: the GPUs, at least 1; the
+  cluster's with ``glcic-fast serve --ray``, the machine's under ``serve run``, which builds
+  the application before it connects to Ray):
   Ray Serve's autoscaler adds a replica while the replicas average more than
   ``target_ongoing_requests`` requests each (default ``2 * max_batch``: a batch running and
   one filling) and removes one below it; ``max_ongoing_requests`` per replica is
@@ -65,11 +67,15 @@ def _typed(name: str, value):
 def application(weights: str, config: ServiceConfig, *, num_gpus: Optional[float] = None,
                 num_cpus: Optional[float] = None, min_replicas: int = 1, max_replicas: Optional[int] = None,
                 target_ongoing_requests: Optional[float] = None, graceful_shutdown_timeout_s: float = 120):
-    """The bound application (``serve.run`` takes it). Reads the cluster's GPUs when
-    ``num_gpus`` or ``max_replicas`` is not given (Ray must be initialised)."""
+    """The bound application (``serve.run`` takes it). Where ``num_gpus`` or ``max_replicas``
+    is not given, counts the GPUs: the cluster's once Ray is initialised (``glcic-fast serve
+    --ray``), else this machine's (``serve run`` builds the application before it connects)."""
     import ray
+    import torch
 
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if num_gpus is None or max_replicas is None else 0
+    gpus = 0
+    if num_gpus is None or max_replicas is None:
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
     if num_gpus is None:
         num_gpus = 1 if gpus else 0
     if max_replicas is None:

@@ -1,10 +1,8 @@
-"""Serving test fixtures: a real uvicorn server on a free loopback port, in a thread; a
-runner with a gate that holds batches until a test lets them go."""
+"""Serving test helpers: a runner with a gate that holds batches until a test lets them go;
+one sample of /metrics."""
 
 import contextlib
 import threading
-import time
-
 
 
 class GatedRunner:
@@ -37,32 +35,6 @@ class GatedRunner:
         self.entered.set()
         assert self.gate.wait(120), "the test never opened the gate"
         return self.forward(x)
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serves ``app`` on 127.0.0.1 (a free port) until the block ends; yields the base URL
-    once /readyz answers 200."""
-    import httpx
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the server never became ready"
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def metric(url, name, labels=""):

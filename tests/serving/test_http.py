@@ -19,8 +19,9 @@ import glcic_fast
 from glcic_fast.imageio import read_image
 from glcic_fast.serving.app import create_app
 from glcic_fast.serving.config import ServiceConfig
+from glcic_fast.serving.server import serving as running
 
-from conftest import GatedRunner, metric, running
+from conftest import GatedRunner, metric
 from helpers import randomize
 from photos import photo
 
