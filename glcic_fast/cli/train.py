@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--lr", type=float, help="ADADELTA learning rate (default 1)")
     p.add_argument("--bn-after-relu", action="store_const", const=True,
                    help="conv -> ReLU -> BN blocks (GLCIC-PyTorch) instead of the paper's conv -> BN -> ReLU")
+    p.add_argument("--output-activation", choices=("sigmoid", "hardtanh"),
+                   help="the completion net's output layer: sigmoid (the paper's, default) or hardtanh (mmagic's "
+                        "clamp to [-1, 1], its nets taking BGR in [-1, 1]; for --init with mmagic's weights)")
     p.add_argument("--disc-channels", nargs="+", type=int, metavar="C",
                    help="discriminator conv widths (default: 64 128 256 512 512 512)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"),
@@ -103,7 +106,7 @@ def add_arguments(p: argparse.ArgumentParser):
 #: argparse destination -> TrainConfig field, for options given on the command line.
 _FIELDS = ("phase_steps", "batch_size", "image_size", "local_size", "hole_range", "scale_range", "device",
            "checkpoint_every", "keep", "seed", "workers", "alpha", "adversarial", "mse_reduction", "lr",
-           "bn_after_relu", "disc_channels", "amp", "precision", "deterministic", "mean_pixel", "mean_images", "log_every",
+           "bn_after_relu", "output_activation", "disc_channels", "amp", "precision", "deterministic", "mean_pixel", "mean_images", "log_every",
            "image_every", "tensorboard", "progress", "init", "holes", "free_probability", "stroke_count",
            "stroke_vertices", "stroke_width", "stroke_length", "blob_count", "blob_size", "free_area")
 

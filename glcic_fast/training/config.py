@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from glcic_fast.nn.architecture import OUTPUT_ACTIVATIONS
 from glcic_fast.nn.discriminator import PAPER_CHANNELS
 from glcic_fast.training.data import Augmentation, FreeFormMasks
 
@@ -58,6 +59,10 @@ class TrainConfig:
     eps: float = 1e-6
     #: Block order of both nets: False conv -> BN -> ReLU (paper), True conv -> ReLU -> BN.
     bn_after_relu: bool = False
+    #: The completion net's output layer: "sigmoid" (paper) or "hardtanh", mmagic's clamp to
+    #: [-1, 1], whose nets take BGR in [-1, 1] (SIGNED_BGR_ZERO_HOLE). The losses are in RGB
+    #: [0, 1] either way (CompletionNet.output_to_image).
+    output_activation: str = "sigmoid"
     disc_channels: Tuple[int, ...] = PAPER_CHANNELS
     seed: int = 0
     #: "cuda", "cuda:N" or "cpu"; default cuda where there is one.
@@ -118,6 +123,8 @@ class TrainConfig:
             self.init = os.path.abspath(os.fspath(self.init))
         if len(self.phase_steps) != 3 or any(v < 0 for v in self.phase_steps):
             raise ValueError(f"phase_steps must be three non-negative step counts, got {self.phase_steps}")
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {self.output_activation!r}")
         if self.adversarial not in ADVERSARIAL_LOSSES:
             raise ValueError(f"adversarial must be one of {ADVERSARIAL_LOSSES}, got {self.adversarial!r}")
         if self.mse_reduction not in ("mean", "sum"):
@@ -157,7 +164,7 @@ class TrainConfig:
 #: Settings a resumed run must share with the checkpoint for the resume to continue the
 #: same run (data, losses, optimiser, nets). The others may change between sessions.
 RUN_DEFINING = ("batch_size", "image_size", "local_size", "hole_range", "scale_range", "alpha", "adversarial",
-                "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "disc_channels", "seed", "precision",
+                "mse_reduction", "lr", "rho", "eps", "bn_after_relu", "output_activation", "disc_channels", "seed", "precision",
                 "holes", "free_probability", "stroke_count", "stroke_vertices", "stroke_width", "stroke_length",
                 "blob_count", "blob_size", "free_area", "init")
 

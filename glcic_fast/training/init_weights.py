@@ -10,14 +10,18 @@ What the run takes from the weights, and what starts fresh:
   ADADELTA optimisers fresh; the run starts at step 0, and ``phase_steps`` say which
   phases it runs: ``0 TD TJ`` trains a discriminator against the loaded net first, then
   both (fine-tuning with the adversarial loss), ``TC 0 0`` the MSE alone;
-- the block order: the run's (``bn_after_relu``) must be the weights' own, which the
-  loaded net reports; otherwise a TrainingError says which setting to give;
+- the block order and the output activation: the run's (``bn_after_relu``,
+  ``output_activation``) must be the weights' own, which the loaded net reports
+  (mmagic's nets: the authors' order and ``hardtanh``); otherwise a TrainingError says
+  which setting to give;
 - the input convention: the run trains nets that take their input the way their block
-  order's models do (``default_input_convention``); weights that take it otherwise are
-  refused, clearly;
+  order's and output activation's models do (``default_input_convention``: the authors',
+  GLCIC-PyTorch's or mmagic's); weights that take it otherwise are refused, clearly;
 - the mean pixel: the weights' own (the net learned its first filters, and the value it
   sees in the hole, with it), unless ``mean_pixel`` is given; then no pass over the
-  data computes one;
+  data computes one. mmagic's nets have a fixed normalisation instead (their file holds
+  no mean pixel): the run keeps the loaded net's default, which then only fills the hole
+  in the TensorBoard samples;
 - resuming: a run's checkpoint holds its weights, and wins. The weights file is read
   only while the run has no checkpoint yet, and ``init`` is one of the settings that
   define a run: a resume may repeat the run's own ``init`` or leave it out, not name
@@ -25,7 +29,8 @@ What the run takes from the weights, and what starts fresh:
 
 The run's config.json and every checkpoint record where the weights came from
 (``init_weights``: absolute path, SHA-256 of the file, the layout ``glcic_fast.load``
-recognised, block order, the file's own mean pixel or None where it holds none).
+recognised, block order, output activation, the file's own mean pixel or None where it
+holds none).
 """
 
 import hashlib
@@ -34,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from glcic_fast.nn.completion_net import CompletionNet, default_input_convention
+from glcic_fast.nn.completion_net import SIGNED_BGR_ZERO_HOLE, CompletionNet, default_input_convention
 from glcic_fast.nn.state_dict import WeightsError
 from glcic_fast.nn.weights import load
 from glcic_fast.training.config import TrainConfig, TrainingError
@@ -63,15 +68,18 @@ def file_sha256(path: str) -> str:
 
 
 def _load(cfg: TrainConfig) -> Tuple[CompletionNet, Optional[List[float]]]:
-    """The net in ``cfg.init`` and the mean pixel the file gives (None where it gives
-    none: a GLCIC-PyTorch checkpoint without its config.json, a .t7 without "mean"; the
-    mean pixel the run is given then stands in, as the file's config would)."""
+    """The net in ``cfg.init`` and the mean pixel the file gives: None where it gives none
+    (mmagic's, with a fixed normalisation instead; a GLCIC-PyTorch checkpoint without its
+    config.json or a .t7 without "mean", which need one: the mean pixel the run is given
+    then stands in, as the file's config would)."""
     try:
         net = load(cfg.init)
     except WeightsError:
         if cfg.mean_pixel is None:
             raise
         return load(cfg.init, config={"mean_pixel": list(cfg.mean_pixel)}), None
+    if net.input_convention == SIGNED_BGR_ZERO_HOLE:
+        return net, None
     return net, [float(v) for v in net.mean_pixel.tolist()]
 
 
@@ -92,13 +100,22 @@ def load_initial_weights(cfg: TrainConfig) -> Optional[InitialWeights]:
         raise TrainingError(f"--init {cfg.init} holds a {_block_order(net.bn_after_relu)} net "
                             f"({net.weights_source}), but this run trains {_block_order(cfg.bn_after_relu)} "
                             f"nets: {flag} to fine-tune it")
-    expected = default_input_convention(net.bn_after_relu)
+    if net.output_activation != cfg.output_activation:
+        raise TrainingError(f"--init {cfg.init} holds a net whose output layer is {net.output_activation!r} "
+                            f"({net.weights_source}), but this run trains {cfg.output_activation!r} nets: give "
+                            f"--output-activation {net.output_activation} (output_activation="
+                            f"{net.output_activation!r}) to fine-tune it")
+    expected = default_input_convention(net.bn_after_relu, net.output_activation)
     if net.input_convention != expected:
         raise TrainingError(f"--init {cfg.init} takes its input as {net.input_convention!r}; training builds "
-                            f"{_block_order(net.bn_after_relu)} nets that take it as {expected!r}, so these "
-                            f"weights cannot be fine-tuned here")
-    mean = own_mean if cfg.mean_pixel is None else list(cfg.mean_pixel)
+                            f"{_block_order(net.bn_after_relu)} {net.output_activation} nets that take it as "
+                            f"{expected!r}, so these weights cannot be fine-tuned here")
+    if cfg.mean_pixel is not None:
+        mean = list(cfg.mean_pixel)
+    else:
+        mean = own_mean if own_mean is not None else [float(v) for v in net.mean_pixel.tolist()]
     record = {"path": cfg.init, "sha256": file_sha256(cfg.init), "weights": net.weights_source,
-              "bn_after_relu": net.bn_after_relu, "mean_pixel": own_mean}
+              "bn_after_relu": net.bn_after_relu, "output_activation": net.output_activation,
+              "mean_pixel": own_mean}
     state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     return InitialWeights(state, mean, record)

@@ -117,7 +117,8 @@ def write_config_file(cfg: TrainConfig, record: dict, num_images: int, files_dig
     mean = record["mean_pixel"]
     content = {"config": record, "mean_pixel": mean, "mpv": mean, "num_images": num_images,
                "files_digest": files_digest, "world_size": world_size,
-               "completion_net": {"bn_after_relu": cfg.bn_after_relu,
-                                  "input_convention": default_input_convention(cfg.bn_after_relu)}}
+               "completion_net": {"bn_after_relu": cfg.bn_after_relu, "output_activation": cfg.output_activation,
+                                  "input_convention": default_input_convention(cfg.bn_after_relu,
+                                                                               cfg.output_activation)}}
     atomic_write(os.path.join(cfg.out, CONFIG_FILE), lambda f: f.write(json.dumps(content, indent=2) + "\n"),
                  mode="w")

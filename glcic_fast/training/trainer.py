@@ -15,6 +15,9 @@ Choices the paper leaves open, made here (all in ``TrainConfig``):
 
 - The completed image is ``x (.) (1 - M) + C(x, M) (.) M``: D sees exactly what
   inference produces, and the adversarial gradient reaches C through the hole only.
+  C(x, M) here is the RGB image in [0, 1] that C's output stands for
+  (``CompletionNet.output_to_image``: the sigmoid's output itself; mmagic's clamped BGR
+  in [-1, 1] mapped back), so the losses and D see images alike whatever C's own range.
 - The MSE is the paper's || M (.) (C(x, M) - x) ||^2 divided by the number of masked
   values in the global batch (``mse_reduction="mean"``, the default) or not divided
   (``"sum"``). alpha weighs the adversarial term against this value.
@@ -106,7 +109,10 @@ class Trainer:
         self.dtype = torch.float64 if cfg.precision == "float64" else torch.float32
 
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        self.completion = CompletionNet(cfg.bn_after_relu, mean_pixel=self.mean_pixel)
+        # Block order and output activation chosen: weights loaded later (a checkpoint's, or
+        # --init's) cannot switch them.
+        self.completion = CompletionNet(cfg.bn_after_relu, output_activation=cfg.output_activation,
+                                        mean_pixel=self.mean_pixel)
         self.discriminator = ContextDiscriminator(cfg.local_size, cfg.image_size, cfg.bn_after_relu,
                                                   channels=cfg.disc_channels)
         if self.world_size > 1:
@@ -192,7 +198,7 @@ class Trainer:
         inp = self.completion.prepare_input(x, mask).contiguous(memory_format=self.memory_format)
         with self._autocast():
             out = self.c_forward(inp)
-        out = out.to(self.dtype)
+        out = self.completion.output_to_image(out.to(self.dtype))
         return out, x + mask * (out - x)
 
     def train_step(self, batch: dict) -> Dict[str, torch.Tensor]:

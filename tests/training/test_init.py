@@ -1,7 +1,9 @@
 """``--init``: a run that starts its completion net from weights users hold (the authors'
-.t7, a GLCIC-PyTorch checkpoint), with a fresh discriminator and fresh optimisers, the
-weights' mean pixel and block order, recorded; resuming such a run; files it cannot use."""
+.t7, a GLCIC-PyTorch checkpoint, mmagic's Global&Local checkpoint), with a fresh
+discriminator and fresh optimisers, the weights' mean pixel, block order and output
+activation, recorded; resuming such a run; files it cannot use."""
 
+import csv
 import hashlib
 import json
 import os
@@ -9,13 +11,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 import glcic_fast
 from glcic_fast.cli import build_parser
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
 from glcic_fast.nn.reference import ReferenceCompletionNet
+from glcic_fast.nn.state_dict import MMAGIC_MODULES
 from glcic_fast.training.checkpoints import latest_checkpoint
 from glcic_fast.training.config import TrainingError
-from glcic_fast.training.run import train
+from glcic_fast.training.data import ImageFolder, StepBatchSampler, hole_mask
+from glcic_fast.training.run import resume_run, train
 
 from helpers import randomize
 from t7_writer import authors_sequential, authors_t7_table, write_t7
@@ -162,3 +168,61 @@ def test_a_file_without_a_mean_pixel_takes_the_one_given(photos, tiny_config, tm
                       mean_pixel=(0.4, 0.4, 0.4)))
     state = _final_state(tmp_path / "run")
     assert state["mean_pixel"] == [0.4, 0.4, 0.4] and state["config"]["init_weights"]["mean_pixel"] is None
+
+
+@pytest.fixture
+def mmagic_file(tmp_path):
+    """A checkpoint in mmagic's Global&Local layout (``{"meta", "state_dict"}``, the
+    generator's keys under ``generator.``; mmcv's convs before a BN have no bias), from a
+    net with random weights and BatchNorm statistics."""
+    source = randomize(ReferenceCompletionNet(bn_after_relu=False, output_activation="hardtanh"), seed=13)
+    state = source.state_dict()
+    layout = {}
+    for spec, module in zip(COMPLETION_LAYERS, MMAGIC_MODULES):
+        layout[f"generator.{module}.conv.weight"] = state[f"{spec.name}.weight"]
+        if spec.has_bn:
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                layout[f"generator.{module}.bn.{key}"] = state[f"bn{spec.index}.{key}"]
+        else:
+            layout[f"generator.{module}.conv.bias"] = state[f"{spec.name}.bias"]
+    path = tmp_path / "gl_256x256_8x12_places.pth"
+    torch.save({"meta": {"iter": 500000}, "state_dict": layout}, path)
+    return str(path)
+
+
+def test_init_from_mmagic_fine_tunes_its_clamped_bgr_net(photos, tiny_config, tmp_path, mmagic_file):
+    """mmagic's net needs its output activation (a clamp to [-1, 1]) given, like a block
+    order; then the run starts from the file's weights, its first MSE is measured on the
+    RGB image in [0, 1] that the net's clamped BGR [-1, 1] output stands for, and its
+    exported weights keep mmagic's conventions."""
+    with pytest.raises(TrainingError, match="--output-activation hardtanh"):
+        train(tiny_config(photos, tmp_path / "refused", phase_steps=(0, 0, 0), init=mmagic_file))
+    cfg = tiny_config(photos, tmp_path / "run", phase_steps=(1, 0, 0), init=mmagic_file, output_activation="hardtanh")
+    loaded = glcic_fast.load(mmagic_file)
+    assert loaded.input_convention == glcic_fast.SIGNED_BGR_ZERO_HOLE and loaded.output_activation == "hardtanh"
+
+    # Step 0's MSE by hand: the loaded net in training mode (batch statistics) on step 0's
+    # samples, its output taken from BGR in [-1, 1] to RGB in [0, 1].
+    ds = ImageFolder(photos, cfg.augmentation(), cfg.seed)
+    batch = default_collate([ds[key] for key in StepBatchSampler(len(ds), cfg.batch_size, cfg.seed).batch(0)])
+    x = batch["image"].float() / 255
+    mask = hole_mask(batch["hole"], cfg.image_size)
+    with torch.no_grad():
+        raw = loaded.train()(loaded.prepare_input(x, mask))
+    assert -1 <= raw.min() < raw.max() <= 1
+    rgb = (raw * 0.5 + 0.5).flip(1)
+    expected = (((rgb - x) * mask) ** 2).sum() / (mask.sum() * 3)
+
+    train(cfg)
+    with open(tmp_path / "run" / "losses.csv") as f:
+        first = next(csv.DictReader(f))
+    assert float(first["mse"]) == pytest.approx(expected.item(), rel=1e-5)
+    state = _final_state(tmp_path / "run")
+    recorded = state["config"]["init_weights"]
+    assert "mmagic" in recorded["weights"] and recorded["output_activation"] == "hardtanh"
+    assert recorded["mean_pixel"] is None  # mmagic's normalisation is fixed
+    # Resumed (the run's own settings), it stays mmagic's kind of net.
+    assert resume_run(photos, str(tmp_path / "run"), phase_steps=(2, 0, 0), device="cpu", workers=0,
+                      progress=False)["step"] == 2
+    exported = glcic_fast.load(str(tmp_path / "run" / "completionnet.safetensors"))
+    assert exported.output_activation == "hardtanh" and exported.input_convention == glcic_fast.SIGNED_BGR_ZERO_HOLE

@@ -356,12 +356,13 @@ def test_cli_hole_and_init_options_reach_the_config(photos, tmp_path):
                                       "--stroke-count", "2", "3", "--stroke-vertices", "5", "6",
                                       "--stroke-width", "0.02", "0.04", "--stroke-length", "0.1", "0.2",
                                       "--blob-count", "1", "2", "--blob-size", "0.05", "0.1",
-                                      "--free-area", "0.1", "0.3", "--init", "weights.t7"])
+                                      "--free-area", "0.1", "0.3", "--init", "weights.t7",
+                                      "--output-activation", "hardtanh"])
     cfg = config_from_args(args)
     assert (cfg.holes, cfg.free_probability, cfg.stroke_count, cfg.stroke_vertices, cfg.stroke_width,
             cfg.stroke_length, cfg.blob_count, cfg.blob_size, cfg.free_area) == \
         ("mixed", 0.3, (2, 3), (5, 6), (0.02, 0.04), (0.1, 0.2), (1, 2), (0.05, 0.1), (0.1, 0.3))
-    assert cfg.init == os.path.abspath("weights.t7")
+    assert cfg.init == os.path.abspath("weights.t7") and cfg.output_activation == "hardtanh"
     free_form = cfg.augmentation().free_form
     assert (free_form.stroke_count, free_form.blob_size, free_form.area) == ((2, 3), (0.05, 0.1), (0.1, 0.3))
     # The defaults the help text states are the config's.
