@@ -29,6 +29,7 @@ import copy
 import functools
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -61,9 +62,10 @@ ENGINES = {
     "onnxruntime-tensorrt": ("cuda", torch.float16),
     "onnxruntime-cuda": ("cuda", torch.float16),
 }
-#: What an engine may differ from the fp32 reference by (as bench_net.py): fp32 summation
-#: order, or half precision.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2}
+#: What an engine may differ from the fp32 CPU reference by (as bench_net.py): fp32
+#: summation order, or half precision, which a GPU's fp32 has too (cuDNN convolutions run
+#: in TF32 by default: fp16's 10-bit mantissa).
+TOLERANCE = {"cpu": {torch.float32: 1e-4, torch.float16: 5e-2}, "cuda": {torch.float32: 5e-2, torch.float16: 5e-2}}
 _ORT_GPU_PROVIDERS = {"onnxruntime-tensorrt": "TensorrtExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
 
 
@@ -157,7 +159,8 @@ class _Setup:
 def _without_compile_caches(run):
     """A torch.compile'd call with Inductor's caches off: the first call then compiles as
     on a fresh machine, not from an earlier run's cache."""
-    with torch._inductor.config.patch(force_disable_caches=True):
+    with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dynamo_pgo force disabled", UserWarning)  # as asked here
         return run()
 
 
@@ -194,7 +197,7 @@ def test_engine(benchmark, setup, engine, round_):
         run, info = setup.engine(engine)
         benchmark.pedantic(synchronized(run), rounds=1, iterations=1)
     max_diff = info["max_abs_diff_to_fp32_reference"]
-    assert max_diff <= TOLERANCE[dtype], f"{engine} differs from the fp32 reference by {max_diff}"
+    assert max_diff <= TOLERANCE[device][dtype], f"{engine} differs from the fp32 reference by {max_diff}"
     extra = provenance()
     extra.update(info)
     extra.update({"engine": engine, "runs_on": device, "dtype": str(dtype)[6:], "batch": setup.x.shape[0],
