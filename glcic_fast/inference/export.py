@@ -3,8 +3,9 @@ Runtime, TensorRT, OpenVINO, Triton Inference Server).
 
 The file holds the eval graph with BatchNorm folded (``CompletionNet.fused_layers``), in
 standard ONNX operators only: per layer a Conv or ConvTranspose, the activation (Relu,
-Sigmoid, or Clip for mmagic's clamp) and, where the block is conv -> ReLU -> BN, BN's per-channel affine after it (Mul,
-Add). None of glcic_fast's own ops appear in it, so any ONNX engine runs it as it ships.
+Sigmoid, or Clip for mmagic's clamp) and, where the block is conv -> ReLU -> BN, BN's
+per-channel affine after it (Mul, Add). None of glcic_fast's own ops appear in it, so any
+ONNX engine runs it as it ships.
 Its metadata says how to build the input (the input convention as a formula, the mean
 pixel), the block order and where the weights came from, so a consumer needs nothing of
 glcic_fast.
@@ -13,7 +14,7 @@ The exporter is PyTorch's default one (``torch.onnx.export(dynamo=True)``, built
 torch.export; it needs onnx and onnxscript, the ``export`` extra). It keeps the batch and
 the image size symbolic (the legacy TorchScript exporter, deprecated since PyTorch 2.9,
 does too, but through tracing), and writes opset 18, the opset its ONNX functions are
-written in: no version conversion, and old enough for TensorRT 8.6 and later.
+written in (no version conversion).
 """
 
 import contextlib
@@ -63,20 +64,14 @@ CONVENTION_FORMULAS = {
 }
 
 
-def _activation_name(layer: FusedLayer) -> str:
-    # A layer may carry its own activation (an output activation other than the
-    # architecture's sigmoid); otherwise it is the layer table's.
-    return getattr(layer, "activation", layer.spec.activation)
-
-
 class _FoldedLayer(torch.nn.Module):
     def __init__(self, layer: FusedLayer):
         super().__init__()
-        spec, name = layer.spec, _activation_name(layer)
-        if name not in ONNX_ACTIVATIONS:
-            raise ValueError(f"{spec.name}: no ONNX export for the activation {name!r} "
+        spec = layer.spec
+        if layer.activation not in ONNX_ACTIVATIONS:
+            raise ValueError(f"{spec.name}: no ONNX export for the activation {layer.activation!r} "
                              f"(exportable: {', '.join(ONNX_ACTIVATIONS)})")
-        self.activation = ONNX_ACTIVATIONS[name]
+        self.activation = ONNX_ACTIVATIONS[layer.activation]
         self.conv = F.conv_transpose2d if spec.transposed else F.conv2d
         self.stride, self.padding, self.dilation = spec.stride, spec.padding, spec.dilation
         self.register_buffer("weight", layer.weight.contiguous())
@@ -164,7 +159,7 @@ def onnx_metadata(net: CompletionNet, dtype: torch.dtype, shape: str) -> dict:
         raise ValueError(f"no ONNX metadata for the input convention {net.input_convention!r} "
                          f"(known: {', '.join(CONVENTION_FORMULAS)})")
     input_formula, output_formula = CONVENTION_FORMULAS[net.input_convention]
-    output_activation = _activation_name(net.fused_layers(dtype, torch.device("cpu"))[-1])
+    output_activation = net.fused_layers(dtype, torch.device("cpu"))[-1].activation
     return {
         "input": f"{INPUT_NAME}, N x {IN_CHANNELS} x H x W {dtype_name}: channels 0-2 input_formula of image "
                  f"(N x 3 x H x W, RGB in [0, 1]), mask (N x 1 x H x W, 1 = fill, 0 = keep) and mean_pixel "
