@@ -1,5 +1,5 @@
-"""The ``glcic-fast`` command line (``python -m glcic_fast.cli``): ``complete``, ``train``
-and ``bench``. Commands import the heavy modules they need when they run, so that
+"""The ``glcic-fast`` command line (``python -m glcic_fast.cli``): ``complete``, ``bench``,
+``export``, ``serve`` and ``train``. Commands import the heavy modules they need when they run, so that
 ``glcic-fast --help`` stays quick."""
 
 from glcic_fast.cli.commands import build_parser, main

@@ -13,27 +13,23 @@ from glcic_fast.cli import bench, complete, export, serve, train
 from glcic_fast.cli.common import UsageError
 
 
+#: (command, its module, its line in ``glcic-fast --help``), in that order.
+COMMANDS = (
+    ("bench", bench, "time the fast net against the reference on this machine"),
+    ("complete", complete, "fill holes in an image or a folder of images"),
+    ("export", export, "write the network to an ONNX file (ONNX Runtime, TensorRT, OpenVINO)"),
+    ("serve", serve, "serve completion over HTTP, batching concurrent requests"),
+    ("train", train, "train the completion network as in the paper (resumable; DDP via torchrun)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glcic-fast", description="Fast, exact GLCIC image completion")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("bench", help="time the fast net against the reference on this machine")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run)
-    p = sub.add_parser("complete", help="fill holes in an image or a folder of images",
-                       description=complete.DESCRIPTION)
-    complete.add_arguments(p)
-    p.set_defaults(func=complete.run)
-    p = sub.add_parser("export", help="write the network to an ONNX file (ONNX Runtime, TensorRT, OpenVINO)",
-                       description=export.DESCRIPTION)
-    export.add_arguments(p)
-    p.set_defaults(func=export.run)
-    p = sub.add_parser("serve", help="serve completion over HTTP, batching concurrent requests",
-                       description=serve.DESCRIPTION)
-    serve.add_arguments(p)
-    p.set_defaults(func=serve.run)
-    p = sub.add_parser("train", help="train the completion network as in the paper (resumable; DDP via torchrun)")
-    train.add_arguments(p)
-    p.set_defaults(func=train.run)
+    for name, module, line in COMMANDS:
+        p = sub.add_parser(name, help=line, description=getattr(module, "DESCRIPTION", None))
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
@@ -42,5 +38,6 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        print(f"glcic-fast {args.command}: error: {exc}", file=sys.stderr)
+        # One line whatever the message holds (a loader's error may span several).
+        print(f"glcic-fast {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
