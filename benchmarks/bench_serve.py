@@ -4,13 +4,20 @@ The same requests three ways, on this machine:
 
 - ``sequential``: one at a time, each image and mask file read, completed by
   ``glcic_fast.complete`` alone and written as PNG (what a one-request-at-a-time server
-  does, without its HTTP);
+  does, without its HTTP), in one worker thread. Not the main thread: on the 2-core CPU the
+  same forwards took up to twice as long from the main thread as from another thread
+  (measured side by side; the cause is not known), which would decide the comparison
+  instead of the serving;
 - ``http-C`` for C = 1, 4 and 16 concurrent clients: POST /v1/complete over loopback to
   the service (uvicorn in this process, the throughput engine with its default batching),
-  each client sending its next request as soon as its answer is back.
+  each client sending its next request as soon as its answer is back; and 16 clients with
+  crops grown to share batches (``min_fill`` 0.7, the GPU default) to show what that costs
+  or gains on this device.
 
-Each row records images/s and the p50 and p99 latency of its requests (over few requests,
-p99 is close to the slowest), and every answer is checked against the sequential result
+Every request runs once, untimed, before the first row: all rows then find the convolution
+library's per-size work done (see test_sequential_complete). Each row records images/s and
+the p50 and p99 latency of its requests (over few requests, p99 is close to the slowest),
+the forwards and crops the server ran, and every answer is checked against the sequential result
 (a fast answer that is wrong is not a result). Requests: photos (scikit-image) of 512 to
 2048 px a side with one or two holes of 64 to 128 px, postprocess off (the network path);
 a random-init net (timings do not depend on the weights).
@@ -120,9 +127,13 @@ def _record(benchmark, mode, requests, seconds, latencies, small, batches=None):
 @pytest.mark.benchmark(group="serve", warmup=False)
 def test_sequential_complete(benchmark, problem):
     net, requests, folder, small = problem
-    glcic_fast.complete(requests[0][0], requests[0][1], weights=net, device=DEVICE)  # warm-up (first-call work)
+    # Warm-up, untimed: every request once. The convolution library's first call at a new
+    # input size costs about twice a later one (oneDNN creates and caches its primitives per
+    # size on the CPU); without this the first row timed would pay it for every row.
+    for image, mask, _ in requests:
+        glcic_fast.complete(image, mask, weights=net, device=DEVICE)
 
-    def run():
+    def one_at_a_time():
         latencies = []
         start = time.perf_counter()
         for image, mask, _ in requests:
@@ -131,6 +142,10 @@ def test_sequential_complete(benchmark, problem):
             write_image(image.replace(".png", "_sequential.png"), out)
             latencies.append(time.perf_counter() - t)
         return time.perf_counter() - start, latencies
+
+    def run():  # in a worker thread, as the server's engine runs (see the module's docstring)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(one_at_a_time).result()
 
     seconds, latencies = benchmark.pedantic(run, rounds=1, iterations=1)
     _record(benchmark, "sequential", requests, seconds, latencies, small)
@@ -145,10 +160,13 @@ def _post(client, url, image, mask):
 
 
 @pytest.mark.benchmark(group="serve", warmup=False)
-@pytest.mark.parametrize("clients", [1, 4, 16])
-def test_http_concurrent_clients(benchmark, problem, clients):
+@pytest.mark.parametrize("clients, min_fill", [(1, None), (4, None), (16, None), (16, 0.7)],
+                         ids=["1", "4", "16", "16-grown"])
+def test_http_concurrent_clients(benchmark, problem, clients, min_fill):
+    """``min_fill`` None: the engine's default for the device (on a CPU, only crops of one
+    size share a batch); 0.7: crops grown to share batches, as on a GPU by default."""
     net, requests, folder, small = problem
-    with serving(create_app(net, ServiceConfig(device=str(DEVICE)))) as url:
+    with serving(create_app(net, ServiceConfig(device=str(DEVICE), min_fill=min_fill))) as url:
 
         def run():
             todo = iter(range(len(requests)))
@@ -178,4 +196,5 @@ def test_http_concurrent_clients(benchmark, problem, clients):
         sequential = image.replace(".png", "_sequential.png")
         if os.path.exists(sequential):  # the same as complete() alone, up to a rounding tip
             assert (got - read_image(sequential)).abs().max().item() <= 1 / 255 + 1e-6
-    _record(benchmark, f"http-{clients}", requests, seconds, [answers[i][1] for i in answers], small, batches)
+    mode = f"http-{clients}" + ("" if min_fill is None else f"-min_fill-{min_fill}")
+    _record(benchmark, mode, requests, seconds, [answers[i][1] for i in answers], small, batches)

@@ -58,10 +58,6 @@ MAX_GRAPHS = 4
 CUDA_MIN_FILL = 0.7
 
 
-class QueueFull(RuntimeError):
-    """``submit(block=False)`` found ``max_pending`` images already in the engine."""
-
-
 class EngineClosed(RuntimeError):
     """The engine was closed: it takes no new images."""
 
@@ -182,7 +178,8 @@ class Engine:
         max_wait_ms: how long the oldest waiting crop waits for others to fill its batch;
             None: until the batch is full, submitters are blocked or the engine flushes.
         max_pending: most images in the engine (waiting, running or finishing); then
-            ``submit`` blocks or raises :class:`QueueFull`. None: no limit.
+            ``submit`` waits for room. None: no limit (the caller admits, as the HTTP
+            service does with its ``max_queue``).
         min_fill: a crop joins a batch of a larger crop size when it fills at least this
             fraction of it (1.0: same size only). Default 0.7 on CUDA, 1.0 elsewhere.
         cuda_graphs: replay CUDA graphs for repeated batch shapes (default: on CUDA).
@@ -232,15 +229,14 @@ class Engine:
     # -- submitting ---------------------------------------------------------------------
 
     def submit(self, image: torch.Tensor, mask: torch.Tensor, *, postprocess: bool = False,
-               then: Optional[Callable[[torch.Tensor], object]] = None, block: bool = True
-               ) -> concurrent.futures.Future:
+               then: Optional[Callable[[torch.Tensor], object]] = None) -> concurrent.futures.Future:
         """Queues one image; returns a future of the completed image (C x H x W float32 on
         the CPU, the input's channels), or of ``then(image)`` when ``then`` is given.
 
         ``image``: C x H x W (C = 1, 3 or 4), uint8 or floating point in [0, 1], on the CPU;
         ``mask``: 1 x H x W, uint8 (255 = fill), bool or floating point in [0, 1]. Cancelling
-        the future drops the image's crops that have not run. With ``block=False`` a full
-        engine raises :class:`QueueFull` instead of waiting."""
+        the future drops the image's crops that have not run. With ``max_pending`` images
+        in the engine, waits for room."""
         if image.dim() != 3 or image.shape[0] not in (1, 3, 4) or mask.shape != (1,) + tuple(image.shape[-2:]):
             raise ValueError(f"expected a C x H x W image (C = 1, 3 or 4) and a 1 x H x W mask, "
                              f"got {tuple(image.shape)} and {tuple(mask.shape)}")
@@ -253,8 +249,6 @@ class Engine:
             if self._closed:
                 raise EngineClosed("the engine is closed: it takes no new images")
             if self.max_pending is not None and self._images >= self.max_pending:
-                if not block:
-                    raise QueueFull(f"{self._images} images are waiting or running (at most {self.max_pending})")
                 self._blocked += 1
                 self._lock.notify_all()  # a dispatcher waiting for a fuller batch runs now
                 while self._images >= self.max_pending and not self._closed:

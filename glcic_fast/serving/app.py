@@ -168,6 +168,9 @@ class Service:
         except ClientDisconnect:
             status = 499
             return Response(status_code=499)
+        except asyncio.CancelledError:  # Ray Serve cancels the request of a client that went away
+            status = 499
+            raise
         except Exception as exc:  # a bug: logged with its traceback, answered in one line
             log.exception("glcic_fast: POST /v1/complete failed")
             return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
@@ -278,7 +281,7 @@ class Service:
                 return f.read()
 
         return self.engine.submit(array_to_tensor(data, keep_8bit=True), mask, postprocess=postprocess in _TRUE,
-                                  then=encode, block=False)
+                                  then=encode)
 
 
 def create_app(net, config: ServiceConfig = ServiceConfig(), *, runner=None) -> FastAPI:

@@ -7,7 +7,20 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """What ``glcic-fast serve`` and the Ray deployment configure (see ``--help``)."""
+    """What ``glcic-fast serve`` and the Ray deployment configure.
+
+    - ``device``, ``dtype``: where and in what precision the network runs.
+    - ``max_batch``: most crops in one forward; ``max_wait_ms``: how long the oldest waiting
+      crop waits for others of its size before its batch runs anyway (latency traded for
+      fuller batches; a busy device batches what queued meanwhile regardless).
+    - ``max_pixels``: the largest image (or mask) taken, width x height, read from the
+      file's header before decoding; larger: 413.
+    - ``max_body_bytes``: the largest request body, checked against Content-Length and
+      counted as it arrives; larger: 413.
+    - ``max_queue``: most requests in flight (decoding, waiting, running, encoding); more:
+      503 with Retry-After, at once, before the body is read.
+    - ``min_fill``: see :class:`glcic_fast.inference.engine.Engine` (None: by device).
+    """
     device: Optional[str] = None
     dtype: str = "float32"
     max_batch: int = 8

@@ -81,6 +81,11 @@ def test_refuses_to_start_without_usable_weights(tmp_path, capsys):
     assert "cannot load weights" in capsys.readouterr().err
     assert cli.main(["serve", "--random-weights", "--weights", str(tmp_path / "bad.pth")]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    assert cli.main(["serve", "--random-weights", "--max-wait-ms", "-1"]) == 2
+    assert "--max-wait-ms must be 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own errors exit with 2 as well
+        cli.main(["serve", "--random-weights", "--max-batch", "0"])
+    assert exc.value.code == 2
 
 
 def test_sigterm_drains_the_requests_in_flight(tmp_path):
