@@ -7,10 +7,11 @@ import time
 
 
 @contextlib.contextmanager
-def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 120):
+def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 120, ready: bool = True):
     """Serves ``app`` on ``host``:``port`` (0: a free port) until the block ends; yields the
-    base URL once ``/readyz`` answers 200. Leaving the block stops the server as SIGTERM
-    does: no new connections, the requests in flight answered, the engine drained."""
+    base URL once ``/readyz`` answers 200 (``ready=False``: once the server listens).
+    Leaving the block stops the server as SIGTERM does: no new connections, the requests
+    in flight answered, the engine drained."""
     import httpx
     import uvicorn
 
@@ -25,7 +26,7 @@ def serving(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 120):
             time.sleep(0.01)
         bound = server.servers[0].sockets[0].getsockname()[1]
         url = f"http://{host}:{bound}"
-        while httpx.get(f"{url}/readyz").status_code != 200:
+        while ready and httpx.get(f"{url}/readyz").status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url} did not become ready in {timeout} s")
             time.sleep(0.05)

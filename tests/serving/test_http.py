@@ -131,6 +131,25 @@ def test_health_readiness_and_metrics(net):
             assert name in text, name
 
 
+def test_not_ready_until_warm_answers_503_with_retry_after(net, tmp_path):
+    runner = GatedRunner(net)
+    image, hole = _photo_bgr("coffee", 40, 60), _mask(40, 60, (10, 10, 12, 12))
+    with runner.held(), running(create_app(net, ServiceConfig(), runner=runner), ready=False) as url:
+        assert runner.entered.wait(60)  # the warm-up image holds the (gated) device
+        response = httpx.get(f"{url}/readyz")
+        assert response.status_code == 503 and response.json() == {"ready": False}
+        assert httpx.get(f"{url}/healthz").status_code == 200  # alive all the same
+        response = _post(url, _png(image), _png(hole))
+        _refused(response, 503, "not ready yet")
+        assert response.headers["retry-after"] == "1"
+        runner.gate.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        _check(_post(url, _png(image), _png(hole), postprocess="false"), _png(image), hole > 0, tmp_path, net, False)
+
+
 def _refused(response, status, *words):
     assert response.status_code == status, response.text
     message = response.json()["error"]
