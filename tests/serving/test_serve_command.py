@@ -99,8 +99,8 @@ def test_sigterm_drains_the_requests_in_flight(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(proc, url)
-        # Three sizes: three batches one after the other, about a second each on a CPU.
-        requests = [(png(photo(name, 240, 256 + 8 * i)), (40 + i, 50, 60, 40))
+        # Three sizes: three batches one after the other, a second or more each on a CPU.
+        requests = [(png(photo(name, 320, 320 + 8 * i)), (40 + i, 50, 60, 40))
                     for i, name in enumerate(("chelsea", "coffee", "astronaut"))]
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
             futures = [pool.submit(lambda r: (post(url, r[0], ",".join(map(str, r[1]))), time.monotonic()), r)
