@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import threading
 import zipfile
 from typing import Optional
 
@@ -128,6 +129,42 @@ def _is_bookkeeping(name: str) -> bool:
     return name.split(".", 1)[0] in _BOOKKEEPING_MODULES
 
 
+#: Loads here change reader state that is process-wide: ``torch.serialization.safe_globals``
+#: swaps torch's allowlist of globals for the whole process (not per thread) while a load
+#: runs, and the .t7 reader swaps entries of torchfile's module-level ``type_handlers``. A
+#: threaded server may load weights in several threads at once: one load at a time, so no
+#: load runs under (or restores over) another's allowlist or handlers.
+_PROCESS_WIDE_READER_STATE = threading.Lock()
+
+#: Real mmagic/mmengine checkpoints keep a handful of bookkeeping globals (numpy's
+#: reconstructors and dtypes, mmengine's HistoryBuffer). The legacy format names them one
+#: torch.load at a time, and each name makes every later global lookup dearer: a file
+#: naming hundreds of them would cost minutes of CPU, so it is refused beyond these caps.
+_MAX_PLACEHOLDERS = 64
+_MAX_PLACEHOLDER_RETRIES = 32
+
+
+def _refuse_compressed_zip(path):
+    """torch writes the records of its zip checkpoints stored, never compressed: refuse a
+    zip whose records are compressed, or say they expand beyond the file's size, before
+    torch inflates them (a 1 MB file could otherwise expand to gigabytes)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(f"could not read {path} as a PyTorch checkpoint (a damaged zip file): {exc}") from exc
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise WeightsError(f"could not read {path} as a PyTorch checkpoint: its records {compressed[:3]} are "
+                           "compressed; torch.save stores them uncompressed (was the file repacked by a zip tool?)")
+    expanded, size = sum(e.file_size for e in entries), os.path.getsize(path)
+    if expanded > size:
+        raise WeightsError(f"could not read {path} as a PyTorch checkpoint: its zip records claim {expanded} bytes "
+                           f"in a file of {size} bytes; torch.save stores them uncompressed")
+
+
 def _refused_globals(path, error) -> set:
     """The globals the weights-only reader refuses in the checkpoint at ``path``: all of
     them at once for a zip checkpoint (read statically, nothing unpickled), else the one
@@ -150,14 +187,28 @@ def _placeholders_for(names):
 def _load_weights_only(path):
     """``torch.load(path, weights_only=True)``, with the bookkeeping modules' globals read
     as ``_Unread`` placeholders; WeightsError naming anything else the file refers to."""
+    _refuse_compressed_zip(path)
+    with _PROCESS_WIDE_READER_STATE:
+        return _load_with_placeholders(path)
+
+
+def _unreadable(path, exc):
+    return WeightsError(f"could not read {path} as a PyTorch checkpoint (weights only, no code is run): "
+                        f"{type(exc).__name__}: {exc}")
+
+
+def _load_with_placeholders(path):
     placeholders = set()
-    while True:
+    for _ in range(_MAX_PLACEHOLDER_RETRIES + 1):
         context = _placeholders_for(placeholders)
         try:
             with context:
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            refused = _refused_globals(path, exc) - placeholders
+            try:
+                refused = _refused_globals(path, exc) - placeholders
+            except Exception as scan_error:  # torch's static scan refuses opcodes (INST, LIST, protocol 4/5)
+                raise _unreadable(path, scan_error) from scan_error
             unsafe = sorted(name for name in refused if not _is_bookkeeping(name))
             if unsafe:
                 raise WeightsError(
@@ -167,12 +218,20 @@ def _load_weights_only(path):
                     "Nothing was run. If the file is yours, save its state dict alone (torch.save(checkpoint"
                     "['state_dict'], ...)) where you trust it.") from None
             if not refused:
-                raise WeightsError(f"could not read {path} as a PyTorch checkpoint (weights only, no code is run): "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                raise _unreadable(path, exc) from exc
             placeholders |= refused
+            if len(placeholders) > _MAX_PLACEHOLDERS:
+                raise _too_many_placeholders(path, placeholders) from None
         except Exception as exc:  # torch raises many types for truncated or foreign files
-            raise WeightsError(f"could not read {path} as a PyTorch checkpoint (weights only, no code is run): "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise _unreadable(path, exc) from exc
+    raise _too_many_placeholders(path, placeholders)
+
+
+def _too_many_placeholders(path, placeholders):
+    return WeightsError(f"could not read {path} as a PyTorch checkpoint: it names {len(placeholders)} or more "
+                        f"numpy / mmengine / mmcv / mmagic globals beside its weights (such as "
+                        f"{', '.join(sorted(placeholders)[:3])}); a real checkpoint needs a handful, at most "
+                        f"{_MAX_PLACEHOLDERS} are read as placeholders")
 
 
 def _read_pickled_state_dict(path):
@@ -180,25 +239,70 @@ def _read_pickled_state_dict(path):
     return unwrap_checkpoint(obj, ("state_dict", "model", "model_cn"))  # common training-script wrappers
 
 
+#: Torch7's tensor and storage classes, by the numpy type of their values.
+_TORCH7_TYPES = {"Byte": np.uint8, "Char": np.int8, "Short": np.int16, "Int": np.int32, "Long": np.int64,
+                 "Float": np.float32, "Double": np.float64}
+
+
+def _torch7_class_names():
+    """(tensor class, storage class, numpy type) for every CPU and CUDA type torchfile reads."""
+    for kind, dtype in _TORCH7_TYPES.items():
+        yield f"torch.{kind}Tensor".encode(), f"torch.{kind}Storage".encode(), dtype
+        cuda = "Cuda" if kind == "Float" else f"Cuda{kind}"  # Torch7 names CUDA floats torch.CudaTensor
+        if kind != "Long":
+            yield f"torch.{cuda}Tensor".encode(), f"torch.{cuda}Storage".encode(), dtype
+
+
+def _strict_storage_reader(dtype):
+    def read(reader, version):
+        start = reader.f.tell()
+        size = reader.read_long()
+        data = np.fromfile(reader.f, dtype=dtype, count=size)
+        if data.size != size:
+            raise WeightsError(f"truncated .t7 file: a storage of {size} values at byte {start} has {data.size}")
+        return data
+    return read
+
+
+def _strict_tensor_reader(dtype):
+    """torchfile's tensor reader (Torch7's Tensor.c read order), checking that the view the
+    header describes lies inside its storage before building it."""
+    def read(reader, version):
+        start = reader.f.tell()
+        ndim = reader.read_int()
+        if ndim < 0:
+            raise WeightsError(f"malformed .t7 file: a tensor at byte {start} has {ndim} dimensions")
+        size = reader.read_long_array(ndim)
+        stride = reader.read_long_array(ndim)
+        offset = reader.read_long() - 1  # the file counts from 1
+        storage = reader.read_obj()
+        if storage is None or ndim == 0:
+            return np.empty((0,), dtype=dtype)  # Torch7's empty tensor
+        if not isinstance(storage, np.ndarray) or storage.dtype != dtype:
+            raise WeightsError(f"malformed .t7 file: the tensor at byte {start} of {np.dtype(dtype)} values has "
+                               f"no storage of that type")
+        if offset < 0 or min(size) < 0 or min(stride) < 0:
+            raise WeightsError(f"malformed .t7 file: the tensor at byte {start} has sizes {size}, strides {stride} "
+                               f"and storage offset {offset + 1}; expected none negative (the offset from 1)")
+        last = offset + sum((n - 1) * step for n, step in zip(size, stride))
+        if min(size) > 0 and last >= storage.size:
+            raise WeightsError(f"malformed .t7 file: the tensor at byte {start} (sizes {size}, strides {stride}, "
+                               f"offset {offset + 1}) reaches value {last + 1} of a storage of {storage.size}")
+        return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+                                               strides=[storage.itemsize * step for step in stride])
+    return read
+
+
 @contextlib.contextmanager
-def _strict_torchfile_storages(torchfile):
-    """torchfile returns a short array for a truncated storage (and then views memory
-    past it). Wrap its storage readers so that a short read is an error."""
+def _strict_torchfile_readers(torchfile):
+    """torchfile returns a short array for a truncated storage, and builds each tensor as a
+    strided view of its storage without checking the header's sizes, strides and offset
+    (a view past the storage reads the heap, or crashes the process). Swap in readers
+    that check both, for the time of one load (under _PROCESS_WIDE_READER_STATE)."""
     saved = dict(torchfile.type_handlers)
-
-    def strict(dtype):
-        def read(reader, version):
-            start = reader.f.tell()
-            size = reader.read_long()
-            data = np.fromfile(reader.f, dtype=dtype, count=size)
-            if data.size != size:
-                raise WeightsError(f"truncated .t7 file: a storage of {size} values at byte {start} has {data.size}")
-            return data
-        return read
-
-    for name, dtype in ((b"torch.FloatStorage", np.float32), (b"torch.DoubleStorage", np.float64),
-                        (b"torch.CudaStorage", np.float32), (b"torch.LongStorage", np.int64)):
-        torchfile.type_handlers[name] = strict(dtype)
+    for tensor_class, storage_class, dtype in _torch7_class_names():
+        torchfile.type_handlers[tensor_class] = _strict_tensor_reader(dtype)
+        torchfile.type_handlers[storage_class] = _strict_storage_reader(dtype)
     try:
         yield
     finally:
@@ -208,17 +312,16 @@ def _strict_torchfile_storages(torchfile):
 
 def _read_t7(path):
     """The authors' Torch7 file: a table {model = nn.Sequential (50 modules), mean = RGB}."""
-    import struct
-
     import torchfile
 
     try:
-        with _strict_torchfile_storages(torchfile):
+        with _PROCESS_WIDE_READER_STATE, _strict_torchfile_readers(torchfile):
             table = torchfile.load(path, utf8_decode_strings=True)
     except WeightsError:
         raise
-    except (struct.error, EOFError, ValueError, UnicodeDecodeError, torchfile.T7ReaderException) as exc:
-        raise WeightsError(f"could not read {path} as a Torch7 file (truncated or not .t7?): {exc}") from exc
+    except Exception as exc:  # torchfile raises many types on malformed input (RecursionError for deep tables)
+        raise WeightsError(f"could not read {path} as a Torch7 file (truncated or not .t7?): "
+                           f"{type(exc).__name__}: {exc}") from exc
     model = table.get("model") if isinstance(table, dict) else table
     modules = getattr(model, "modules", None)
     if not isinstance(modules, list):
