@@ -83,7 +83,7 @@ class _Setup:
         self.files, self.engines = {}, {}
 
     def _reference(self, device):
-        reference = ReferenceCompletionNet(self.net.bn_after_relu).to(device)
+        reference = ReferenceCompletionNet(self.net.bn_after_relu, self.net.output_activation).to(device)
         reference.load_state_dict(self.net.state_dict())
         return reference.eval()
 

@@ -163,14 +163,17 @@ def onnx_metadata(net: CompletionNet, dtype: torch.dtype, shape: str) -> dict:
     return {
         "input": f"{INPUT_NAME}, N x {IN_CHANNELS} x H x W {dtype_name}: channels 0-2 input_formula of image "
                  f"(N x 3 x H x W, RGB in [0, 1]), mask (N x 1 x H x W, 1 = fill, 0 = keep) and mean_pixel "
-                 f"(1 x 3 x 1 x 1), channel 3 the mask; H and W multiples of {SIZE_MULTIPLE}",
+                 f"(1 x 3 x 1 x 1), channel 3 the mask; H and W multiples of {SIZE_MULTIPLE} (an engine may "
+                 "not check it, and then returns another size: pad the image first)",
         "input_formula": input_formula,
         "output": f"{OUTPUT_NAME}, N x 3 x H x W {dtype_name}, from the output layer's {output_activation}: "
                   "output_formula of it is RGB in [0, 1]; use that inside the hole, keep the image outside",
         "output_formula": output_formula,
         "output_activation": output_activation,
         "input_convention": net.input_convention,
-        "mean_pixel": json.dumps([round(v, 6) for v in net.mean_pixel.tolist()]),
+        # mmagic's convention normalises with fixed constants: no mean pixel to mislead a reader.
+        "mean_pixel": json.dumps(None if net.input_convention == SIGNED_BGR_ZERO_HOLE
+                                 else [round(v, 6) for v in net.mean_pixel.tolist()]),
         "block_order": "conv -> ReLU -> BN (GLCIC-PyTorch)" if net.bn_after_relu else "conv -> BN -> ReLU (authors)",
         "weights_source": net.weights_source,
         "size_multiple": str(SIZE_MULTIPLE),
