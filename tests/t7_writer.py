@@ -21,6 +21,15 @@ class TorchClass:
         self.name, self.fields = name, fields
 
 
+class RawTensor:
+    """A FloatTensor written with the header given (sizes, strides, 1-based storage offset)
+    over ``storage``, whether or not that header fits it: for testing the reader's checks."""
+
+    def __init__(self, storage, size, stride, offset=1):
+        self.storage = np.asarray(storage, dtype=np.float32)
+        self.size, self.stride, self.offset = size, stride, offset
+
+
 class T7Writer:
     def __init__(self, f):
         self.f, self.next_index = f, 1
@@ -53,6 +62,9 @@ class T7Writer:
             self._int(STRING)
             self._string(obj)
         elif isinstance(obj, np.ndarray):
+            array = np.ascontiguousarray(obj, dtype=np.float32)
+            self._tensor(RawTensor(array.ravel(), array.shape, [s // array.itemsize for s in array.strides]))
+        elif isinstance(obj, RawTensor):
             self._tensor(obj)
         elif isinstance(obj, TorchClass):
             self._int(TORCH)
@@ -72,24 +84,23 @@ class T7Writer:
         else:
             raise TypeError(type(obj))
 
-    def _tensor(self, array):
-        array = np.ascontiguousarray(array, dtype=np.float32)
+    def _tensor(self, tensor):
         self._int(TORCH)
         self._index()
         self._string("V 1")
         self._string("torch.FloatTensor")
-        self._int(array.ndim)
-        for s in array.shape:
+        self._int(len(tensor.size))
+        for s in tensor.size:
             self._long(s)
-        for s in array.strides:
-            self._long(s // array.itemsize)
-        self._long(1)  # storage offset, 1-based
+        for s in tensor.stride:
+            self._long(s)
+        self._long(tensor.offset)
         self._int(TORCH)
         self._index()
         self._string("V 1")
         self._string("torch.FloatStorage")
-        self._long(array.size)
-        self.f.write(array.tobytes())
+        self._long(tensor.storage.size)
+        self.f.write(tensor.storage.tobytes())
 
 
 def write_t7(path, obj):
