@@ -16,22 +16,51 @@ import glcic_fast
 from glcic_fast import WeightsError
 from glcic_fast.nn import weights
 
-from t7_writer import NUMBER, TABLE, RawTensor, write_t7
+from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.completion_net import PLACES2_MEAN_PIXEL
+
+from t7_writer import NUMBER, TABLE, RawTensor, authors_sequential, authors_t7_table, write_t7
 
 
 
 # ------------------------------------------------------------------ .t7: tensor headers vs. storages
 
+BIAS_VALUES = COMPLETION_LAYERS[0].out_channels
+
+
+@pytest.fixture(scope="module")
+def authors_table():
+    return authors_t7_table(authors_sequential(seed=0), PLACES2_MEAN_PIXEL)
+
+
+def _authors_t7_with_first_bias(path, table, bias):
+    """The authors' release, its first convolution's bias replaced by ``bias``."""
+    modules = table["model"].fields["modules"]
+    first = modules[0]
+    modules[0] = type(first)(first.name, {**first.fields, "bias": bias})
+    try:
+        write_t7(path, table)
+    finally:
+        modules[0] = first
+
+
+def test_t7_bias_past_its_storage_is_refused(tmp_path, authors_table):
+    """torchfile alone loads this model with heap memory in its first bias."""
+    path = tmp_path / "completionnet_places2.t7"
+    _authors_t7_with_first_bias(path, authors_table, RawTensor([0.5], size=[BIAS_VALUES], stride=[1]))
+    with pytest.raises(WeightsError, match=f"reaches value {BIAS_VALUES} of a storage of 1"):
+        glcic_fast.load(path)
+
+
 @pytest.mark.parametrize("tensor, problem", [
-    (RawTensor([0.5], size=[3], stride=[1]), "reaches value 3 of a storage of 1"),      # a 3-value bias on 1 value
     (RawTensor(np.zeros(4), size=[2, 2], stride=[2, 2]), "reaches value 5 of a storage of 4"),
     (RawTensor(np.zeros(4), size=[2], stride=[1], offset=4), "reaches value 5 of a storage of 4"),
     (RawTensor(np.zeros(4), size=[2], stride=[1], offset=0), "expected none negative"),
     (RawTensor(np.zeros(4), size=[-2], stride=[1]), "expected none negative"),
     (RawTensor(np.zeros(4), size=[2], stride=[-1], offset=2), "expected none negative"),
-], ids=["bias-past-storage", "strides-past-storage", "offset-past-storage", "offset-0", "negative-size",
+], ids=["strides-past-storage", "offset-past-storage", "offset-0", "negative-size",
         "negative-stride"])
-def test_t7_tensor_outside_its_storage_is_refused(tmp_path, tensor, problem):
+def test_t7_tensor_header_outside_its_storage_is_refused(tmp_path, tensor, problem):
     path = tmp_path / "completionnet_places2.t7"
     write_t7(path, {"model": {"bias": tensor}, "mean": np.zeros(3)})
     with pytest.raises(WeightsError, match=problem):
@@ -52,11 +81,11 @@ def test_t7_tensor_views_that_fit_still_load(tmp_path):
     np.testing.assert_array_equal(table["expanded"], [[0, 1, 2], [0, 1, 2]])
 
 
-def test_t7_huge_stride_is_refused_without_crashing(tmp_path):
-    """torchfile alone views memory 4e11 bytes away: the process dies of SIGSEGV. Run in a
-    subprocess, so that a regression kills the subprocess, not the test run."""
+def test_t7_huge_stride_is_refused_without_crashing(tmp_path, authors_table):
+    """torchfile alone views memory 4e11 bytes away, and reading the bias kills the process
+    (SIGSEGV). Run in a subprocess, so that a regression kills it, not the test run."""
     path = tmp_path / "completionnet_places2.t7"
-    write_t7(path, {"model": {"weight": RawTensor(np.zeros(4), size=[2], stride=[10 ** 11])}, "mean": np.zeros(3)})
+    _authors_t7_with_first_bias(path, authors_table, RawTensor(np.zeros(4), size=[BIAS_VALUES], stride=[10 ** 11]))
     script = ("import sys, glcic_fast\n"
               "try:\n    glcic_fast.load(sys.argv[1])\n"
               "except glcic_fast.WeightsError as exc:\n    print('refused:', exc)\n")
@@ -184,3 +213,20 @@ def test_loads_do_not_overlap(tmp_path, monkeypatch):
     for t in threads:
         t.join(timeout=30)
     assert most_inside[0] == 1
+
+
+def test_cli_reports_a_checkpoint_torch_cannot_scan(tmp_path, capsys):
+    import cv2
+
+    from glcic_fast.cli import commands as cli
+
+    image_path, mask_path, out = tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "out.png"
+    assert cv2.imwrite(str(image_path), np.full((32, 32, 3), 128, np.uint8))
+    assert cv2.imwrite(str(mask_path), np.pad(np.full((8, 8), 255, np.uint8), 12))
+    torch.save({"w": torch.zeros(2), "n": np.float64(1.0)}, tmp_path / "p4.pth", pickle_protocol=4)
+    capsys.readouterr()
+    rc = cli.main(["complete", str(image_path), "--mask", str(mask_path), "-o", str(out),
+                   "--weights", str(tmp_path / "p4.pth"), "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "could not read" in err and "Traceback" not in err
