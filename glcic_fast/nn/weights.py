@@ -16,6 +16,9 @@
 Pickled files are read with ``torch.load(weights_only=True)``: a user's file never runs code.
 What a training checkpoint keeps beside the weights (mmengine's log buffers, numpy values)
 is read as inert placeholders; anything else the weights-only reader refuses is reported.
+A hostile file is refused with a WeightsError before it costs much: zip checkpoints with
+compressed records, more placeholder globals than a real checkpoint needs, .t7 tensors
+whose header reaches outside their storage.
 """
 
 import contextlib
