@@ -142,9 +142,9 @@ _PROCESS_WIDE_READER_STATE = threading.Lock()
 #: Real mmagic/mmengine checkpoints keep a handful of bookkeeping globals (numpy's
 #: reconstructors and dtypes, mmengine's HistoryBuffer). The legacy format names them one
 #: torch.load at a time, and each name makes every later global lookup dearer: a file
-#: naming hundreds of them would cost minutes of CPU, so it is refused beyond these caps.
-_MAX_PLACEHOLDERS = 64
-_MAX_PLACEHOLDER_RETRIES = 32
+#: naming hundreds of them would cost minutes of CPU, so it is refused beyond this cap.
+#: Each retry adds at least one name (or raises), so this caps the re-reads too.
+_MAX_PLACEHOLDERS = 32
 
 
 def _refuse_compressed_zip(path):
@@ -202,7 +202,7 @@ def _unreadable(path, exc):
 
 def _load_with_placeholders(path):
     placeholders = set()
-    for _ in range(_MAX_PLACEHOLDER_RETRIES + 1):
+    while True:  # ends: each turn returns, raises, or adds a name, and names are capped
         context = _placeholders_for(placeholders)
         try:
             with context:
@@ -227,7 +227,6 @@ def _load_with_placeholders(path):
                 raise _too_many_placeholders(path, placeholders) from None
         except Exception as exc:  # torch raises many types for truncated or foreign files
             raise _unreadable(path, exc) from exc
-    raise _too_many_placeholders(path, placeholders)
 
 
 def _too_many_placeholders(path, placeholders):

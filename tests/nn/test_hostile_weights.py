@@ -129,7 +129,7 @@ def test_many_placeholder_names_are_refused_after_few_reads(tmp_path, monkeypatc
     with pytest.raises(WeightsError, match="numpy / mmengine / mmcv / mmagic globals"):
         weights._load_weights_only(path)
     # zip: one read, then torch's static scan names them all; legacy: one read per name.
-    assert len(reads) == (1 if zip_format else weights._MAX_PLACEHOLDER_RETRIES + 1) < names
+    assert len(reads) == (1 if zip_format else weights._MAX_PLACEHOLDERS + 1) < names
 
 
 def test_a_few_placeholder_names_still_load(tmp_path, monkeypatch):
