@@ -98,7 +98,7 @@ class Runner:
                               f"that shape eagerly: {type(exc).__name__}: {exc}", RuntimeWarning)
             if key in self.failed:  # outside the except block: the failed capture's tensors are freed
                 torch.cuda.synchronize()
-                return self.net(x)
+                return run_network(self.net, x)
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
@@ -113,7 +113,7 @@ class Runner:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: algorithm choices and caches settle outside the capture
-                self.net(static_in)
+                run_network(self.net, static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # "thread_local": other threads keep calling CUDA while this one captures (a
@@ -122,7 +122,9 @@ class Runner:
         # are illegal during any thread's capture: they fail in those threads and
         # invalidate the capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_out = self.net(static_in)
+            # run_network, as every other path: the net's raw output mapped to the image
+            # (mmagic's nets answer BGR in [-1, 1]).
+            static_out = run_network(self.net, static_in)
         return graph, static_in, static_out
 
 

@@ -205,3 +205,18 @@ def test_cuda_graphs_for_repeated_shapes_and_half_precision(net):
     with Engine(cuda_net, dtype="bfloat16", max_batch=2, max_wait_ms=0) as eng:
         half = eng.submit(image, mask).result()
     assert (half - want).abs().max().item() <= 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_map_the_output_like_every_other_path():
+    """A net whose raw output is not the image (mmagic's: BGR in [-1, 1]) through the
+    captured graphs: they must replay run_network, the net's output mapped to the image."""
+    cuda_net = randomize(CompletionNet(bn_after_relu=False, output_activation="hardtanh"), seed=4).eval().cuda()
+    image, mask = photo("chelsea", 256, 320), rect_mask(256, 320, (100, 120, 40, 40))
+    want = complete_with(cuda_net, image.cuda(), mask.cuda()).cpu()
+    with Engine(cuda_net, max_batch=2, max_wait_ms=0) as eng:
+        results = [eng.submit(image, mask).result() for _ in range(3)]
+        assert eng.runner.graphs and not eng.runner.failed
+    for got in results:
+        assert (got - want).abs().max().item() <= 1e-4
