@@ -11,7 +11,9 @@
 #                 parallel processes when pytest-xdist is installed
 #   bench-net     whole-network inference, every backend (benchmarks/bench_net.py)
 #   bench-layers  each layer per backend, masked MSE (bench_conv_layers.py, bench_masked_mse.py)
-#   bench-other   ROI, folder throughput, training step (bench_roi.py, bench_train.py)
+#   bench-other   ROI, training step, the service's throughput, the peer engines (bench_roi.py,
+#                 bench_train.py, bench_serve.py, bench_engines.py: ONNX Runtime's TensorRT and
+#                 CUDA providers need onnxruntime-gpu there, else they skip and say why)
 # A GPU machine without a package index lacks torchfile (sdist-only on PyPI): build its
 # wheel where pip works (`pip wheel --no-deps torchfile -w .whl`), carry .whl along, and
 # there `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` with
@@ -74,7 +76,9 @@ if [ "$stage" = all ] || [ "$stage" = bench-layers ]; then
   "$PY" benchmarks/make_tuning_table.py "$dir/bench_layers.json" -o "$dir/tuning.json"
 fi
 if [ "$stage" = all ] || [ "$stage" = bench-other ]; then
-  bench bench_other benchmarks/bench_roi.py benchmarks/bench_train.py
+  bench bench_other benchmarks/bench_roi.py benchmarks/bench_train.py benchmarks/bench_serve.py
+  bench bench_engines benchmarks/bench_engines.py
+  "$PY" benchmarks/report.py "$dir/bench_engines.json" | tee "$dir/table-engines.md"
 fi
 echo "stage $stage: exit $rc; results in $dir"
 exit $rc
