@@ -5,9 +5,10 @@ An image keeps what its file holds: gray stays one channel, RGBA keeps its alpha
 can store it. The network itself always sees RGB (:func:`glcic_fast.inference.completion.to_rgb`).
 """
 
+import io
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -54,6 +55,16 @@ def check_decoder_limits(path, width: int, height: int, what: str = "an image") 
             raise _too_large(path, what, unit, name, variable, default)
 
 
+class Upload(NamedTuple):
+    """An image or mask file's bytes held in memory (an HTTP upload), with the name error
+    messages give it. Every reader here takes one wherever it takes a path."""
+    data: bytes
+    name: str
+
+    def __str__(self):
+        return self.name
+
+
 def _header_size(path) -> Optional[Tuple[int, int]]:
     """(width, height) from the file's header when Pillow is installed and reads the
     format, else None."""
@@ -63,19 +74,23 @@ def _header_size(path) -> Optional[Tuple[int, int]]:
         with warnings.catch_warnings():
             # Only the header is read here: Pillow's warning about large images does not apply.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(path.data) if isinstance(path, Upload) else path) as im:
                 return im.size
     except Exception:  # no Pillow, a format it does not read, one it refuses: the caller decodes
         return None
 
 
 def _imread(path, flags, what: str) -> np.ndarray:
-    """cv2.imread, with every way it fails as a one-line ValueError naming the file."""
+    """cv2.imread (cv2.imdecode for an :class:`Upload`), with every way it fails as a
+    one-line ValueError naming the file."""
     size = _header_size(path)
     if size is not None:  # first, so that libpng does not print its own complaint to stderr
         check_decoder_limits(path, *size, what=what)
     try:
-        data = cv2.imread(os.fspath(path), flags)
+        if isinstance(path, Upload):
+            data = cv2.imdecode(np.frombuffer(path.data, np.uint8), flags) if path.data else None
+        else:
+            data = cv2.imread(os.fspath(path), flags)
     except cv2.error as exc:
         detail = " ".join(str(exc).split())
         for unit, name, variable, default in _DECODER_LIMITS:
@@ -198,9 +213,22 @@ def write_image(path, image: torch.Tensor, sample_type=np.uint8) -> None:
     """Writes a C x H x W tensor in [0, 1] (C = 1 gray, 3 RGB, 4 RGBA) with samples of
     ``sample_type`` (the input file's: uint8, uint16 or float32) where the format can
     store them (:func:`file_sample_type`)."""
+    if not cv2.imwrite(os.fspath(path), _file_array(path, image, sample_type)):
+        raise ValueError(f"could not write an image to {path} (unwritable folder or unsupported format)")
+
+
+def encode_image(image: torch.Tensor, extension: str = ".png", sample_type=np.uint8) -> bytes:
+    """The bytes of the file :func:`write_image` would write with this ``extension``."""
+    name = "image" + extension
+    ok, encoded = cv2.imencode(extension, _file_array(name, image, sample_type))
+    if not ok:
+        raise ValueError(f"could not encode an image as {extension}")
+    return encoded.tobytes()
+
+
+def _file_array(path, image: torch.Tensor, sample_type) -> np.ndarray:
+    """``image`` as the array OpenCV writes to ``path``: its sample type, BGR(A) order."""
     check_writable(path, image.shape[0])
     data = tensor_to_array(image, file_sample_type(path, sample_type))
     conversion = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}.get(data.shape[2])
-    data = cv2.cvtColor(data, conversion) if conversion is not None else data[..., 0]
-    if not cv2.imwrite(os.fspath(path), data):
-        raise ValueError(f"could not write an image to {path} (unwritable folder or unsupported format)")
+    return cv2.cvtColor(data, conversion) if conversion is not None else data[..., 0]

@@ -18,14 +18,13 @@ input outside the holes; errors are JSON ``{"error": "..."}``:
   before the answer; the image's crops that had not run are dropped.
 
 Files are decoded by :mod:`glcic_fast.imageio` and the holes made by
-:func:`glcic_fast.inference.masks.hole_mask`, as for the command line: the upload goes to
-a private temporary folder, whose path is replaced by the field's name in messages.
+:func:`glcic_fast.inference.masks.hole_mask`, as for the command line, from the uploaded
+bytes in memory (:class:`glcic_fast.imageio.Upload`, named in messages by its field and
+file name); the answer is encoded in memory too.
 """
 
 import asyncio
 import logging
-import os
-import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -206,23 +205,22 @@ class Service:
                     parts[name] = value
         finally:
             await form.close()
-        with tempfile.TemporaryDirectory(prefix="glcic-serve-") as folder:
-            future = await run_in_threadpool(self._submit, folder, parts)
-            waiter = asyncio.wrap_future(future)
-            try:
-                while True:
-                    done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL)
-                    if done:
-                        return waiter.result()
-                    if await limited.is_disconnected():
-                        raise ClientDisconnect()
-            finally:
-                future.cancel()  # a no-op once done; else (disconnect, cancelled task) its crops are dropped
+        future = await run_in_threadpool(self._submit, parts)
+        waiter = asyncio.wrap_future(future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL)
+                if done:
+                    return waiter.result()
+                if await limited.is_disconnected():
+                    raise ClientDisconnect()
+        finally:
+            future.cancel()  # a no-op once done; else (disconnect, cancelled task) its crops are dropped
 
-    def _submit(self, folder: str, parts: dict):
+    def _submit(self, parts: dict):
         """Decodes and checks the parts (in a worker thread) and submits the image; returns
         the engine's future of the PNG bytes."""
-        from glcic_fast.imageio import array_to_tensor, image_size, read_image_array, write_image
+        from glcic_fast.imageio import Upload, array_to_tensor, encode_image, image_size, read_image_array
         from glcic_fast.inference.masks import hole_mask
 
         if "image" not in parts or isinstance(parts["image"], str):
@@ -238,19 +236,9 @@ class Service:
         if postprocess not in _TRUE + _FALSE:
             raise Refused(400, f"postprocess: expected true or false, got {parts['postprocess']!r}")
 
-        paths = {}
-        for name in ("image", "mask"):
-            if name in parts:
-                paths[name] = os.path.join(folder, name)
-                with open(paths[name], "wb") as f:
-                    f.write(parts[name][0])
-
-        def named(exc):  # the temporary paths in a message, as the client knows them
-            message = str(exc)
-            for name, path in paths.items():
-                message = message.replace(path, f"the uploaded {name} {parts[name][1]!r}")
-            return message
-
+        # Decoded from memory, named in messages as the client knows them.
+        paths = {name: Upload(parts[name][0], f"the uploaded {name} {parts[name][1]!r}")
+                 for name in ("image", "mask") if name in parts}
         limit = self.config.max_pixels
         try:
             for name, path in paths.items():
@@ -271,17 +259,10 @@ class Service:
             rects = parse_rects(parts["rects"]) if "rects" in parts else ()
             mask = hole_mask(height, width, paths.get("mask"), rects, image=paths["image"], keep_8bit=True)
         except ValueError as exc:
-            raise Refused(400, named(exc))
+            raise Refused(400, str(exc))
         self.metrics.pixels_received.inc(width * height)
-        output = os.path.join(folder, "completed.png")
-
-        def encode(image):
-            write_image(output, image, data.dtype)
-            with open(output, "rb") as f:
-                return f.read()
-
         return self.engine.submit(array_to_tensor(data, keep_8bit=True), mask, postprocess=postprocess in _TRUE,
-                                  then=encode)
+                                  then=lambda image: encode_image(image, ".png", data.dtype))
 
 
 def create_app(net, config: ServiceConfig = ServiceConfig(), *, runner=None) -> FastAPI:
