@@ -93,13 +93,12 @@ def run(args):
 # -- helpers -------------------------------------------------------------------------------
 
 def _parse_rect(text):
+    from glcic_fast.inference.masks import parse_rect
+
     try:
-        x, y, w, h = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected x,y,w,h (four integers), got {text!r}")
-    if w <= 0 or h <= 0 or x < 0 or y < 0:
-        raise argparse.ArgumentTypeError(f"a rectangle needs x, y >= 0 and w, h > 0, got {text!r}")
-    return x, y, w, h
+        return parse_rect(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 def _listing(lines, limit=_LIST_LIMIT):

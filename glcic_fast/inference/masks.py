@@ -16,6 +16,17 @@ from glcic_fast.imageio import mask_array_to_tensor, read_mask_array
 Rect = Tuple[int, int, int, int]  # x, y, w, h
 
 
+def parse_rect(text: str) -> Rect:
+    """``"x,y,w,h"`` -> (x, y, w, h); ValueError saying what was wrong."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected x,y,w,h (four integers), got {text!r}") from None
+    if w <= 0 or h <= 0 or x < 0 or y < 0:
+        raise ValueError(f"a rectangle needs x, y >= 0 and w, h > 0, got {text!r}")
+    return x, y, w, h
+
+
 def rect_text(rect: Rect) -> str:
     """``x,y,w,h``, as ``--rect`` takes it."""
     return ",".join(str(v) for v in rect)

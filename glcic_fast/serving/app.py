@@ -65,17 +65,15 @@ class _BodyTooLarge(Exception):
 
 def parse_rects(text: str):
     """``x,y,w,h;x,y,w,h`` -> [(x, y, w, h), ...]; ValueError saying what was wrong."""
+    from glcic_fast.inference.masks import parse_rect
+
     rects = []
     for part in (p.strip() for p in text.split(";")):
-        if not part:
-            continue
-        try:
-            x, y, w, h = (int(v) for v in part.split(","))
-        except ValueError:
-            raise ValueError(f"rects: expected x,y,w,h;x,y,w,h (four integers each), got {part!r} in {text!r}")
-        if w <= 0 or h <= 0 or x < 0 or y < 0:
-            raise ValueError(f"rects: a rectangle needs x, y >= 0 and w, h > 0, got {part!r}")
-        rects.append((x, y, w, h))
+        if part:
+            try:
+                rects.append(parse_rect(part))
+            except ValueError as exc:
+                raise ValueError(f"rects: {exc} in {text!r} (expected x,y,w,h;x,y,w,h)") from None
     if not rects:
         raise ValueError(f"rects: no rectangle in {text!r} (expected x,y,w,h;x,y,w,h)")
     return rects
