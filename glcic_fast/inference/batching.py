@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from glcic_fast.imageio import array_to_tensor, read_image_array
-from glcic_fast.inference.engine import Engine, Runner, prepare_net
+from glcic_fast.inference.engine import Engine
 from glcic_fast.inference.masks import Rect, hole_mask
 
 #: Images a folder run keeps in the engine per crop of batch: enough to fill batches of
@@ -138,12 +138,9 @@ def complete_many(net, images: Sequence[torch.Tensor], masks: Sequence[torch.Ten
         if image.dim() != 3 or image.shape[0] != 3 or mask.shape != (1,) + tuple(image.shape[-2:]):
             raise ValueError(f"image {i}: expected 3 x H x W and a 1 x H x W mask, "
                              f"got {tuple(image.shape)} and {tuple(mask.shape)}")
-    device = next(net.parameters()).device
-    net, dtype = prepare_net(net, device, dtype)
-    cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     # Every batch shape is captured the first time it is seen: these images are all
-    # this runner will ever see.
-    with Engine(net, dtype=dtype, max_batch=batch_size, max_wait_ms=None, runner=Runner(net, cuda_graphs),
+    # this engine will ever see.
+    with Engine(net, dtype=dtype, max_batch=batch_size, max_wait_ms=None, cuda_graphs=cuda_graphs, capture_after=1,
                 finishers=1, mask_threshold=mask_threshold) as engine:
         futures = [engine.submit(image, mask, postprocess=postprocess) for image, mask in zip(images, masks)]
     return [f.result() for f in futures]

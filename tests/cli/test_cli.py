@@ -222,11 +222,11 @@ def test_complete_many_on_cuda_with_graphs_and_half_precision(net):
         m[:, 40:80, 40:80] = 1
     import copy
 
-    from glcic_fast.inference import batching
+    from glcic_fast.inference import engine  # where the Runner that complete_many's engine builds lives
 
     runners = []
 
-    class RecordingRunner(batching.Runner):
+    class RecordingRunner(engine.Runner):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             runners.append(self)
@@ -235,7 +235,7 @@ def test_complete_many_on_cuda_with_graphs_and_half_precision(net):
     want = complete_with(cuda_net, images[0].cuda(), masks[0].cuda()).cpu()
     eager = complete_many(cuda_net, images, masks, batch_size=2, cuda_graphs=False)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(batching, "Runner", RecordingRunner)
+        mp.setattr(engine, "Runner", RecordingRunner)
         graphed = complete_many(cuda_net, images, masks, batch_size=2, cuda_graphs=True)
     # Both batch shapes (2 images, then the last one) were captured and replayed: a capture
     # that failed would have fallen back to eager and given the same numbers.
@@ -249,12 +249,12 @@ def test_complete_many_on_cuda_with_graphs_and_half_precision(net):
 
 
 def test_complete_many_redoes_a_batch_that_runs_out_of_memory(net, monkeypatch):
-    from glcic_fast.inference import batching
+    from glcic_fast.inference import engine
 
     def oom(self, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(batching.Runner, "__call__", oom)
+    monkeypatch.setattr(engine.Runner, "__call__", oom)
     images = [photo("chelsea", 48, 64), photo("coffee", 48, 64)]
     masks = [torch.zeros(1, 48, 64) for _ in images]
     masks[0][:, 10:20, 10:30] = 1
