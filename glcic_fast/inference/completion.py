@@ -104,13 +104,7 @@ def network_output(net, image: torch.Tensor, hole: torch.Tensor, *, roi: Optiona
     ph, pw = inp.padded_height, inp.padded_width
     h, w = inp.height, inp.width
 
-    regions = None
-    if roi is not False:
-        planned = _roi.plan(hole.amax(dim=(0, 1)), ph, pw)
-        if roi or _roi.worthwhile(planned, ph, pw):
-            regions = planned
-    if regions is None:
-        regions = [_roi.Region(inp.whole(), inp.whole())]
+    regions = _roi.regions_to_run(hole.amax(dim=(0, 1)), ph, pw, roi)
 
     def forward(crop: Box) -> torch.Tensor:
         return run_network(net, inp.crop(crop))
@@ -124,9 +118,8 @@ def network_output(net, image: torch.Tensor, hole: torch.Tensor, *, roi: Optiona
             core = core_for(region.crop)
             if core is None:
                 y = forward(region.crop)
-                t, c = region.target, region.crop
-                y0, y1, x0, x1 = t.y0, min(t.y1, h), t.x0, min(t.x1, w)
-                out[..., y0:y1, x0:x1] = y[..., y0 - c.y0:y1 - c.y0, x0 - c.x0:x1 - c.x0]
+                t, c = region.target.clipped(h, w), region.crop
+                out[..., t.y0:t.y1, t.x0:t.x1] = y[..., t.y0 - c.y0:t.y1 - c.y0, t.x0 - c.x0:t.x1 - c.x0]
             else:
                 _tiling.run_tiled(forward, region.target, core, ph, pw, out)
         return out

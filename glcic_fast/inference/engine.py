@@ -271,12 +271,7 @@ class Engine:
 
     def _plan(self, item: _Image) -> List[Region]:
         """The crops ``complete_with`` would run for this image alone."""
-        ph, pw = item.padded
-        planned = _roi.plan(item.hole[0], ph, pw)
-        if _roi.worthwhile(planned, ph, pw):
-            return planned
-        whole = Box(0, ph, 0, pw)
-        return [Region(whole, whole)]
+        return _roi.regions_to_run(item.hole[0], *item.padded)
 
     def queue_depth(self) -> int:
         """Crops waiting for the network."""
@@ -424,8 +419,7 @@ class Engine:
     @staticmethod
     def _target(c: _Crop) -> Box:
         """The crop's target clipped to the image (the whole-image crop's target is padded)."""
-        t, (h, w) = c.region.target, c.owner.image.shape[-2:]
-        return Box(t.y0, min(t.y1, h), t.x0, min(t.x1, w))
+        return c.region.target.clipped(*c.owner.image.shape[-2:])
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         return run_network(self.net, x.contiguous(memory_format=torch.channels_last))

@@ -102,6 +102,11 @@ class Box:
     def slices(self):
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
+    def clipped(self, height: int, width: int) -> "Box":
+        """The part inside an image of ``height`` x ``width`` that starts at (0, 0) (a
+        target in the padded frame, cut back to the image)."""
+        return Box(self.y0, min(self.y1, height), self.x0, min(self.x1, width))
+
 
 def expand(box: Box, height: int, width: int, halo: int = HALO, multiple: int = SIZE_MULTIPLE) -> Box:
     """The crop that gives exact network outputs for ``box``: ``box`` plus ``halo`` on
@@ -194,6 +199,18 @@ def plan(hole, padded_height: Optional[int] = None, padded_width: Optional[int] 
 
 def crop_area(regions: Sequence[Region]) -> int:
     return sum(r.crop.area for r in regions)
+
+
+def regions_to_run(hole, padded_height: int, padded_width: int, roi: Optional[bool] = None) -> List[Region]:
+    """What completion runs the network on for an H x W ``hole`` mask (a batch's OR-ed):
+    the ROI crops when ``roi`` is True, or when None and :func:`worthwhile`; else the whole
+    padded image as one region."""
+    if roi is not False:
+        planned = plan(hole, padded_height, padded_width)
+        if roi or worthwhile(planned, padded_height, padded_width):
+            return planned
+    whole = Box(0, padded_height, 0, padded_width)
+    return [Region(whole, whole)]
 
 
 def worthwhile(regions: Sequence[Region], padded_height: int, padded_width: int,

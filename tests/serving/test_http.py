@@ -21,7 +21,7 @@ from glcic_fast.serving.app import create_app
 from glcic_fast.serving.config import ServiceConfig
 from glcic_fast.serving.server import serving as running
 
-from conftest import GatedRunner, metric
+from serving_helpers import GatedRunner, metric
 from helpers import randomize
 from photos import photo
 

@@ -1,5 +1,6 @@
-"""Serving test helpers: a runner with a gate that holds batches until a test lets them go;
-one sample of /metrics."""
+"""Helpers of the serving tests: a runner with a gate that holds batches until a test lets
+them go; one sample of /metrics. A plain module, not a conftest.py, because test files
+import it by name and another folder's conftest.py may hold that name first."""
 
 import contextlib
 import threading
