@@ -3,6 +3,9 @@
     glcic-fast serve --weights w.safetensors --port 8000
     curl -F image=@photo.jpg -F rects=120,80,64,48 http://127.0.0.1:8000/v1/complete -o out.png
 
+http://127.0.0.1:8000/ is a web page for the same: open a photo, paint over an object,
+remove it, compare, download. At start-up the command prints that address.
+
 Like ``glcic-fast complete`` it refuses to start without weights (``--weights`` or
 ``GLCIC_FAST_WEIGHTS``) unless ``--random-weights`` asks for an untrained network. SIGTERM
 (or Ctrl-C) stops accepting connections, answers the requests in flight, then exits.
@@ -19,7 +22,8 @@ import signal
 from glcic_fast.cli import common, complete
 from glcic_fast.cli.common import UsageError
 
-DESCRIPTION = ("Serve POST /v1/complete (multipart: image, mask and/or rects x,y,w,h;..., postprocess), "
+DESCRIPTION = ("Serve the object-removal web page at /, and POST /v1/complete (multipart: image, mask and/or "
+               "rects x,y,w,h;..., postprocess), "
                "/healthz, /readyz and /metrics, batching the crops of concurrent requests. SIGTERM drains "
                "the requests in flight, then exits.")
 
@@ -83,6 +87,13 @@ def _check_extra(ray: bool):
                          + (" 'ray[serve]'" if ray else ""))
 
 
+def _page_url(host: str, port: int) -> str:
+    """The web page's address for a browser on this machine (a wildcard address listens
+    everywhere but is not one to browse to)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{shown}:{port}/"
+
+
 def run(args):
     import torch
 
@@ -113,6 +124,9 @@ def run(args):
     # signal again for the handler it found. These handlers take it: the exit status is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    if args.port:  # port 0: uvicorn's own log line names the port it picked
+        print(f"glcic-fast serve: the web page is at {_page_url(args.host, args.port)} once the network is warm",
+              flush=True)
     uvicorn.run(create_app(net, config), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -134,7 +148,8 @@ def _serve_on_ray(args, config):
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(application(os.path.abspath(weights) if weights != "random" else weights, config),
                   name=NAME, route_prefix="/")
-        print(f"glcic-fast serve: Ray Serve application {NAME!r} on http://{args.host}:{args.port}", flush=True)
+        print(f"glcic-fast serve: Ray Serve application {NAME!r}; the web page is at "
+              f"{_page_url(args.host, args.port)}", flush=True)
         stop.wait()
         serve.shutdown()  # each replica answers what it holds (graceful_shutdown_timeout_s), then stops
     finally:

@@ -1,5 +1,8 @@
 """The HTTP app (FastAPI): ``POST /v1/complete``, ``GET /healthz``, ``GET /readyz``,
-``GET /metrics``, over one :class:`glcic_fast.inference.engine.Engine`.
+``GET /metrics``, over one :class:`glcic_fast.inference.engine.Engine`, and the object-
+removal web page at ``GET /`` (``static/index.html``; its script and style sheet under
+``GET /static/``, read from this package, no external resources): open a photo, paint
+what should go, and the page POSTs it with its mask to ``/v1/complete``.
 
 ``POST /v1/complete`` takes multipart/form-data: ``image`` (a file in any format the CLI
 reads), and ``mask`` (a file of the image's size, white = fill) and/or ``rects`` (a field
@@ -24,6 +27,7 @@ file name); the answer is encoded in memory too.
 """
 
 import asyncio
+import importlib.resources
 import logging
 import threading
 import time
@@ -31,7 +35,8 @@ from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -279,6 +284,15 @@ def create_app(net, config: ServiceConfig = ServiceConfig(), *, runner=None) -> 
     app = FastAPI(title="glcic_fast", summary="GLCIC image completion with cross-request batching",
                   lifespan=lifespan)
     app.state.service = service
+    # The page is read once here; its relative links (static/..., v1/complete) keep working
+    # when the app is mounted under a prefix.
+    page = (importlib.resources.files(__package__) / "static" / "index.html").read_text("utf-8")
+    app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def web_page():
+        """The object-removal page."""
+        return HTMLResponse(page)
 
     @app.post("/v1/complete", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the completed image"}})
