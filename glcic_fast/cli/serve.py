@@ -125,7 +125,7 @@ def run(args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     if args.port:  # port 0: uvicorn's own log line names the port it picked
-        print(f"glcic-fast serve: the web page is at {_page_url(args.host, args.port)} once the network is warm",
+        print(f"glcic-fast serve: the web page is at {_page_url(args.host, args.port)}",
               flush=True)
     uvicorn.run(create_app(net, config), host=args.host, port=args.port, log_level="info")
     return 0
