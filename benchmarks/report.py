@@ -1,5 +1,5 @@
-"""Turns a pytest-benchmark JSON of bench_net.py or bench_engines.py into the README's
-tables and a plot.
+"""Turns a pytest-benchmark JSON of bench_net.py or bench_engines.py (and bench_cpu_peak.py)
+into the README's tables and a plot.
 
     python benchmarks/report.py RESULTS.json [--plot net.png]
 
@@ -8,9 +8,17 @@ megapixel, TFLOP/s, its fraction of the measured bf16 GEMM ceiling, the speed-up
 eager fp32 reference of the same shape, and the max difference to that reference. The
 plot: ms per megapixel against image size, one line per variant and batch, with the
 arithmetic floor (FLOP per megapixel over the measured ceiling) where a ceiling was
-measured. bench_engines.py's table: one row per engine, its median over the interleaved
-rounds, the speed-up over the eager reference on the same device, the max difference to
-the fp32 reference and the untimed first call (warm-up, compile or engine build).
+measured. bench_engines.py's table: one section per shape (by size, then batch), one row per
+engine, its time per image (the median over the interleaved rounds of a call on the whole
+batch, over the batch) and fastest round, the speed-ups over the eager reference on the
+same device and (CPU rows) over openvino-cpu, effective GFLOP/s (the network's
+multiply-adds as direct convolution, direct_macs, 2 FLOP each, over the median), achieved
+GFLOP/s (the multiply-adds the engine performs, macs_performed, fewer where Winograd
+runs; glcic_fast's engines only), the fraction of the CPU's FMA peak (achieved, else
+effective, over bench_cpu_peak.py's peak in the same JSON, for CPU rows on the peak's
+thread count), the max difference to the fp32 reference and the untimed first call
+(warm-up, compile or engine build). A JSON from before direct_macs shows '-' there. The
+head line adds the measured FMA peak; a JSON of bench_cpu_peak.py alone prints that line.
 """
 
 import argparse
@@ -48,33 +56,76 @@ def markdown_table(rows) -> str:
 
 
 def engine_rows(results: dict):
-    """One row per engine of bench_engines.py, in the order they ran: its info and the
-    seconds of each timed round."""
+    """One row per engine and shape (batch, size) of bench_engines.py, in the order they
+    ran: its info and the seconds of each timed round (a call on the whole batch)."""
     rows = {}
     for bench in results["benchmarks"]:
         info = bench.get("extra_info", {})
         if "engine" in info and bench.get("stats"):
-            rows.setdefault(info["engine"], {**info, "seconds": []})["seconds"].append(bench["stats"]["median"])
+            key = (info["engine"], info["batch"], info["size"])
+            rows.setdefault(key, {**info, "seconds": []})["seconds"].append(bench["stats"]["median"])
     return list(rows.values())
 
 
-def engines_table(rows) -> str:
-    median = {r["engine"]: sorted(r["seconds"])[len(r["seconds"]) // 2] for r in rows}
-    eager = {r["runs_on"]: median[r["engine"]] for r in rows if r["engine"].startswith("eager-reference")}
-    lines = ["| engine | runs on | dtype | ms / image (median) | fastest round | vs eager reference | "
-             "max abs diff to fp32 reference | first call (untimed) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ref = eager.get(r["runs_on"])
-        speedup = f"{ref / median[r['engine']]:.2f}x" if ref else "-"
-        lines.append(f"| {r['engine']} | {r['runs_on']} | {r['dtype']} | {median[r['engine']] * 1e3:.0f} | "
-                     f"{min(r['seconds']) * 1e3:.0f} | {speedup} | {r['max_abs_diff_to_fp32_reference']:.1e} | "
-                     f"{r['first_call_s']:.1f} s |")
+def cpu_peak(results: dict):
+    """bench_cpu_peak.py's result (its extra_info), or None where the JSON has none."""
+    return next((bench["extra_info"] for bench in results["benchmarks"]
+                 if "cpu_fma_peak_gflops" in bench.get("extra_info", {})), None)
+
+
+def peak_line(peak) -> str:
+    return (f"FMA peak measured: {_number(peak['cpu_fma_peak_gflops'])} GFLOP/s on {peak['threads']} threads "
+            f"({peak['isa']}), {_number(peak['cpu_fma_peak_gflops_1thread'])} GFLOP/s on 1")
+
+
+def _median(row) -> float:
+    """An engine's median over its rounds (each round's time is one call)."""
+    return sorted(row["seconds"])[len(row["seconds"]) // 2]
+
+
+def _number(x) -> str:
+    """Whole numbers from 100 up, three significant digits below."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ratio(numerator, denominator) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def engines_table(rows, peak=None) -> str:
+    """One section per shape of engine_rows' rows (the columns: the module's docstring);
+    peak: cpu_peak's result, or None."""
+    sections = []
+    for batch, size in sorted({(r["batch"], r["size"]) for r in rows}, key=lambda shape: (shape[1], shape[0])):
+        shape_rows = [r for r in rows if (r["batch"], r["size"]) == (batch, size)]
+        eager = {r["runs_on"]: _median(r) for r in shape_rows if r["engine"].startswith("eager-reference")}
+        openvino = next((_median(r) for r in shape_rows if r["engine"] == "openvino-cpu"), None)
+        lines = [f"batch {batch}, {size}^2:", "",
+                 "| engine | runs on | dtype | ms / image (median) | fastest round (ms / image) | "
+                 "vs eager reference | vs openvino-cpu | effective GFLOP/s | achieved GFLOP/s | of FMA peak | "
+                 "max abs diff to fp32 reference | first call (untimed) |", "|---" * 12 + "|"]
+        for r in shape_rows:
+            median = _median(r)
+            effective, achieved = (2 * r[macs] / median / 1e9 if r.get(macs) else None
+                                   for macs in ("direct_macs", "macs_performed"))
+            rate = achieved or effective
+            on_peak_threads = peak and r["runs_on"] == "cpu" and r.get("threads") == peak["threads"]
+            cells = [r["engine"], r["runs_on"], r["dtype"], _number(median * 1e3 / batch),
+                     _number(min(r["seconds"]) * 1e3 / batch), _ratio(eager.get(r["runs_on"]), median),
+                     _ratio(openvino, median) if r["runs_on"] == "cpu" else "-",
+                     _number(effective) if effective else "-", _number(achieved) if achieved else "-",
+                     f"{rate / peak['cpu_fma_peak_gflops']:.0%}" if on_peak_threads and rate else "-",
+                     f"{r['max_abs_diff_to_fp32_reference']:.1e}", f"{r['first_call_s']:.1f} s"]
+            lines.append("| " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
     first = rows[0]
     threads = f"{first['threads']} threads each, " if first.get("threads") else ""
-    head = (f"Device: {first['device']}; batch {first['batch']}, {first['size']}^2, {threads}median of "
-            f"{min(len(r['seconds']) for r in rows)} interleaved rounds; torch {first['torch']}, onnxruntime "
-            f"{first['onnxruntime']}, openvino {first['openvino'].split('-')[0]}; weights: {first['weights']}")
-    return head + "\n\n" + "\n".join(lines)
+    head = (f"Device: {first['device']}; {threads}median of {min(len(r['seconds']) for r in rows)} interleaved "
+            f"rounds; torch {first['torch']}, onnxruntime {first['onnxruntime']}, openvino "
+            f"{first['openvino'].split('-')[0]}; weights: {first['weights']}")
+    if peak:
+        head += "\n" + peak_line(peak)
+    return head + "\n\n" + "\n\n".join(sections)
 
 
 def plot(rows, path):
@@ -115,11 +166,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with open(args.results) as f:
         results = json.load(f)
-    rows, engines = net_rows(results), engine_rows(results)
-    if not rows and not engines:
+    rows, engines, peak = net_rows(results), engine_rows(results), cpu_peak(results)
+    if not rows and not engines and not peak:
         print(f"{args.results} holds no timed whole-network results (was it run with --benchmark-only?)", file=sys.stderr)
         return 1
-    print("\n\n".join(([markdown_table(rows)] if rows else []) + ([engines_table(engines)] if engines else [])))
+    tables = ([markdown_table(rows)] if rows else []) + ([engines_table(engines, peak)] if engines else [])
+    print("\n\n".join(tables if engines or not peak else tables + [peak_line(peak)]))
     if args.plot:
         if rows:
             plot(rows, args.plot)
