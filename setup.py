@@ -49,7 +49,10 @@ def _extensions():
 
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and not _flag("GLCIC_FAST_NO_CUDA") and bool(cuda_sources))
-    cxx_flags = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is a header template that threads through OpenMP pragmas,
+    # which compile to one thread without it (libgomp is torch's own at run time: same soname).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -60,6 +63,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")] + _cuda_include_dirs(),
             define_macros=define_macros + [("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -68,6 +72,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"glcic_fast: building _C with{'' if with_cuda else 'out'} CUDA sources", file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
@@ -77,7 +82,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["glcic_fast", "glcic_fast.nn", "glcic_fast.ops", "glcic_fast.inference", "glcic_fast.training",
-              "glcic_fast.cli", "glcic_fast.kernels"],
+              "glcic_fast.cli", "glcic_fast.serving", "glcic_fast.kernels"],
     package_dir={"glcic_fast": "glcic_fast", "glcic_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

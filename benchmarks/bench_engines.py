@@ -1,13 +1,16 @@
 """The engines deployers run, side by side with glcic_fast: the same trained weights (the
-bundled demo checkpoint) and the same input (examples/astronaut.png, 512 x 512, with its
-mask), batch 1, in one run.
+bundled demo checkpoint) and the same inputs, in one run, at each of SHAPES (batch x size:
+1 and 2 images of 512 x 512 and of 1024 x 1024; GLCIC_FAST_BENCH_ENGINE_SHAPES="1x512,2x1024"
+picks others). The images are examples/astronaut.png with its mask, resized to the size,
+and for the second image of a batch the same mirrored left to right.
 
 On the CPU, float32, every engine on the same number of threads (torch's):
   - eager-reference: the reference PyTorch graph (conv, BN, ReLU), the oracle of every
     max difference below;
   - torch.compile: of FoldedNet (the exported graph: BN folded), default mode;
   - glcic_fast: CompletionNet, the dispatcher's choice per layer;
-  - onnxruntime-cpu and openvino-cpu: the file glcic_fast.export_onnx writes, in ONNX
+  - onnxruntime-cpu and openvino-cpu: the file glcic_fast.export_onnx writes, fixed to the
+    shape (each engine's best case: its graph optimised for that one shape), in ONNX
     Runtime's CPU provider and OpenVINO's CPU plugin (f32 inference precision).
 On a GPU (skipped without one, with the reason): the reference in eager fp32 (cuDNN),
 torch.compile(mode="max-autotune") of FoldedNet in fp16, glcic_fast in fp16, and the
@@ -19,7 +22,10 @@ The engines run interleaved, round by round (round 0: each engine once, then rou
 ``report.py`` takes each engine's median over the rounds. Each engine's first call (its
 warm-up, with its compile or engine build where it has one) is recorded, not timed, as
 first_call_s, and is its max-difference check. Under
---benchmark-disable only round 0 runs: it checks every engine's output.
+--benchmark-disable only round 0 runs, at 512 x 512, batch 1 and 2: it checks every
+engine's output. Each result records the network's multiply-adds as direct convolution
+(direct_macs) and, for glcic_fast, those it performs (macs_performed: fewer where the
+Winograd kernel runs); bench_cpu_peak.py measures the CPU's FMA peak for report.py.
 
     GLCIC_FAST_BENCH_ENGINE_ROUNDS=5 pytest benchmarks/bench_engines.py --benchmark-only \\
         --benchmark-json engines.json && python benchmarks/report.py engines.json
@@ -31,6 +37,7 @@ import os
 import time
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -40,15 +47,26 @@ from glcic_fast.imageio import read_rgb
 from glcic_fast.inference.bench import DEMO_WEIGHTS, EXAMPLE_IMAGE, EXAMPLE_MASK
 from glcic_fast.inference.export import INPUT_NAME, OUTPUT_NAME, FoldedNet, export_onnx
 from glcic_fast.inference.masks import hole_mask
+from glcic_fast.nn.architecture import completion_macs
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
-from measure import provenance, synchronized
+from measure import macs_performed, provenance, synchronized
 
 ort = pytest.importorskip("onnxruntime", reason="the engines' benchmark needs onnxruntime (the test extra)")
 ov = pytest.importorskip("openvino", reason="the engines' benchmark needs openvino (the test extra)")
 
 CUDA = torch.cuda.is_available()
 ROUNDS = int(os.environ.get("GLCIC_FAST_BENCH_ENGINE_ROUNDS", "5"))
+
+
+def _shapes(text):
+    """"1x512,2x1024" -> [(1, 512), (2, 1024)]."""
+    return [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part.strip()]
+
+
+#: (batch, size) of the timed runs, and of the output checks under --benchmark-disable.
+SHAPES = _shapes(os.environ.get("GLCIC_FAST_BENCH_ENGINE_SHAPES", "1x512,2x512,1x1024,2x1024"))
+CHECK_SHAPES = [(1, 512), (2, 512)]
 #: engine -> (where it runs, dtype)
 ENGINES = {
     "eager-reference-cpu": ("cpu", torch.float32),
@@ -70,48 +88,67 @@ _ORT_GPU_PROVIDERS = {"onnxruntime-tensorrt": "TensorrtExecutionProvider", "onnx
 
 
 class _Setup:
-    """The net, the input, the reference output and the exported files, made once."""
+    """The net, and per shape the input, the reference output and the exported files, made once."""
 
     def __init__(self, folder):
         self.net = glcic_fast.load(DEMO_WEIGHTS).eval()
-        image = read_rgb(EXAMPLE_IMAGE)
-        hole = hole_mask(*image.shape[-2:], EXAMPLE_MASK, image=EXAMPLE_IMAGE)
-        self.x = self.net.prepare_input(image[None], (hole > 0.5).float()[None])
-        with torch.inference_mode():
-            self.want = self._reference("cpu")(self.x).numpy()
+        self.image = read_rgb(EXAMPLE_IMAGE)
+        self.hole = (hole_mask(*self.image.shape[-2:], EXAMPLE_MASK, image=EXAMPLE_IMAGE) > 0.5).float()
         self.folder = folder
-        self.files, self.engines = {}, {}
+        self.inputs, self.files, self.engines = {}, {}, {}
+
+    def input(self, shape):
+        """(x, the fp32 CPU reference's output) for (batch, size)."""
+        if shape not in self.inputs:
+            batch, size = shape
+            resize = lambda t, interpolation: torch.from_numpy(cv2.resize(  # noqa: E731
+                t.permute(1, 2, 0).numpy(), (size, size), interpolation=interpolation)).reshape(size, size, -1)
+            image = resize(self.image, cv2.INTER_AREA).permute(2, 0, 1)
+            hole = resize(self.hole, cv2.INTER_NEAREST).permute(2, 0, 1)
+            images = torch.stack([image, image.flip(-1)][:batch] * (batch // 2 + 1))[:batch]
+            holes = torch.stack([hole, hole.flip(-1)][:batch] * (batch // 2 + 1))[:batch]
+            x = self.net.prepare_input(images, holes)
+            with torch.inference_mode():
+                self.inputs[shape] = x, self._reference("cpu")(x).numpy()
+        return self.inputs[shape]
 
     def _reference(self, device):
         reference = ReferenceCompletionNet(self.net.bn_after_relu, self.net.output_activation).to(device)
         reference.load_state_dict(self.net.state_dict())
         return reference.eval()
 
-    def onnx_file(self, dtype):
-        if dtype not in self.files:
-            self.files[dtype] = str(self.folder / f"glcic-{str(dtype)[6:]}.onnx")
-            export_onnx(self.net, self.files[dtype], dtype=dtype)
-        return self.files[dtype]
+    def onnx_file(self, dtype, shape):
+        """The net exported in ``dtype``, fixed to (batch, size)."""
+        if (dtype, shape) not in self.files:
+            batch, size = shape
+            path = str(self.folder / f"glcic-{str(dtype)[6:]}-b{batch}-{size}.onnx")
+            export_onnx(self.net, path, dtype=dtype, dynamic=False, shape=(batch, size, size))
+            self.files[dtype, shape] = path
+        return self.files[dtype, shape]
 
-    def engine(self, name):
-        """(run: one inference on the prepared input, info), built on first use. The first
+    def engine(self, name, shape):
+        """(run: one inference on the shape's input, info), built on first use. The first
         call (the warm-up, with the compile or engine build where there is one) is timed
         as info["first_call_s"], and its output gives info["max_abs_diff_to_fp32_reference"]."""
-        if name not in self.engines:
-            run, to_array, first_call = self._build(name)
+        if (name, shape) not in self.engines:
+            x, want = self.input(shape)
+            run, to_array, first_call = self._build(name, shape)
             start = time.perf_counter()
             out = synchronized(first_call)()
             info = {"first_call_s": time.perf_counter() - start,
-                    "max_abs_diff_to_fp32_reference": float(np.abs(to_array(out) - self.want).max()),
-                    "threads": torch.get_num_threads() if ENGINES[name][0] == "cpu" else None}
-            self.engines[name] = run, info
-        return self.engines[name]
+                    "max_abs_diff_to_fp32_reference": float(np.abs(to_array(out) - want).max()),
+                    "threads": torch.get_num_threads() if ENGINES[name][0] == "cpu" else None,
+                    "direct_macs": completion_macs(shape[1], shape[1]) * shape[0]}
+            if name.startswith("glcic_fast"):
+                info["macs_performed"] = macs_performed(self.net, x.to(ENGINES[name][1]))
+            self.engines[name, shape] = run, info
+        return self.engines[name, shape]
 
-    def _build(self, name):
+    def _build(self, name, shape):
         """(run, to_array: run's output as numpy float32, first_call: run's first call)."""
         device, dtype = ENGINES[name]
         threads = torch.get_num_threads()
-        x = self.x.to(device, dtype)
+        x = self.input(shape)[0].to(device, dtype)
         to_array = lambda y: y.float().cpu().numpy()  # noqa: E731 (torch engines' outputs)
         if name.startswith("eager-reference"):
             model = self._reference(device).to(dtype)
@@ -127,21 +164,21 @@ class _Setup:
         elif name == "onnxruntime-cpu":
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
-            session = ort.InferenceSession(self.onnx_file(dtype), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(self.onnx_file(dtype, shape), options, providers=["CPUExecutionProvider"])
             feed = {INPUT_NAME: x.numpy()}
             run, to_array = (lambda: session.run(None, feed)[0]), np.asarray
         elif name == "openvino-cpu":
-            compiled = ov.Core().compile_model(self.onnx_file(dtype), "CPU", {
+            compiled = ov.Core().compile_model(self.onnx_file(dtype, shape), "CPU", {
                 "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
             request, feed = compiled.create_infer_request(), x.numpy()
             run, to_array = (lambda: request.infer({0: feed})[0]), np.array
         else:
-            run = self._onnxruntime_gpu(_ORT_GPU_PROVIDERS[name], x)  # TensorRT builds on the first run
+            run = self._onnxruntime_gpu(_ORT_GPU_PROVIDERS[name], x, shape)  # TensorRT builds on the first run
         return run, to_array, run
 
-    def _onnxruntime_gpu(self, provider, x):
+    def _onnxruntime_gpu(self, provider, x, shape):
         options = {"trt_fp16_enable": True} if provider == "TensorrtExecutionProvider" else {}
-        session = ort.InferenceSession(self.onnx_file(x.dtype), providers=[(provider, options)])
+        session = ort.InferenceSession(self.onnx_file(x.dtype, shape), providers=[(provider, options)])
         if session.get_providers()[0] != provider:
             raise RuntimeError(f"ONNX Runtime did not take {provider}: {session.get_providers()}")
         out = torch.empty(x.shape[0], 3, *x.shape[2:], dtype=x.dtype, device=x.device)
@@ -180,27 +217,32 @@ def _skip_reason(engine):
 
 
 def pytest_generate_tests(metafunc):
-    """Rounds as the outer loop (every engine once per round); one round when timing is
-    disabled (--benchmark-disable): it checks every engine's output."""
-    rounds = 1 if metafunc.config.getoption("benchmark_disable") else ROUNDS
+    """Rounds as the outer loop (every shape and engine once per round), then shapes; one
+    round at CHECK_SHAPES when timing is disabled (--benchmark-disable): it checks every
+    engine's output."""
+    disabled = metafunc.config.getoption("benchmark_disable")
+    rounds = 1 if disabled else ROUNDS
+    shapes = CHECK_SHAPES if disabled else SHAPES
     metafunc.parametrize("round_", range(rounds), ids=[f"round{r}" for r in range(rounds)])
+    metafunc.parametrize("shape", shapes, ids=[f"b{b}-{s}" for b, s in shapes])
     metafunc.parametrize("engine", ENGINES)
 
 
-def test_engine(benchmark, setup, engine, round_):
+def test_engine(benchmark, setup, engine, shape, round_):
     reason = _skip_reason(engine)
     if reason:
         pytest.skip(reason)
     device, dtype = ENGINES[engine]
-    benchmark.group = f"engines-b1-{setup.x.shape[-1]}"
+    batch, size = shape
+    benchmark.group = f"engines-b{batch}-{size}"
     with torch.inference_mode():
-        run, info = setup.engine(engine)
+        run, info = setup.engine(engine, shape)
         benchmark.pedantic(synchronized(run), rounds=1, iterations=1)
     max_diff = info["max_abs_diff_to_fp32_reference"]
     assert max_diff <= TOLERANCE[device][dtype], f"{engine} differs from the fp32 reference by {max_diff}"
     extra = provenance()
     extra.update(info)
-    extra.update({"engine": engine, "runs_on": device, "dtype": str(dtype)[6:], "batch": setup.x.shape[0],
-                  "size": setup.x.shape[-1], "round": round_, "weights": setup.net.weights_source,
+    extra.update({"engine": engine, "runs_on": device, "dtype": str(dtype)[6:], "batch": batch,
+                  "size": size, "round": round_, "weights": setup.net.weights_source,
                   "onnxruntime": ort.__version__, "openvino": ov.get_version()})
     benchmark.extra_info.update(extra)

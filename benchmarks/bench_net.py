@@ -7,7 +7,9 @@ On a GPU: 512^2, 1024^2, 2048^2 (4096^2 where memory allows), batch 1 and 8, for
   - glcic_fast in bf16 with the dispatcher's choice ("auto"), with "torch" and "triton" for
     every layer, and "cuda": glcic_fast._C's conv for the 3x3 256 -> 256 layers (conv5 to
     conv12, the only ones it covers), the dispatcher's choice for the others.
-On the CPU: 512^2 and 1024^2, batch 1, fp32: the reference vs glcic_fast (torch backend).
+On the CPU: 512^2 and 1024^2, batch 1, fp32: the reference vs glcic_fast with the
+dispatcher's choice ("auto": the Winograd kernel, backend "cpp", for the 3x3 stride-1
+layers it covers) and with "torch" (oneDNN) for every layer.
 
 Every result's extra_info carries the device and versions, ms per megapixel, TFLOP/s and
 its fraction of the measured bf16 GEMM ceiling, and the max difference to the fp32
@@ -41,7 +43,7 @@ if CUDA:
                [f"glcic_fast-{b}-bf16" for b in ("auto", "torch", "triton", "cuda")]
 else:
     SHAPES = [(1, 512), (1, 1024)]
-    VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32"]
+    VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32", "glcic_fast-torch-fp32"]
 
 # GPU memory per input pixel that a shape needs, with margin: used only to skip shapes that
 # cannot fit on the GPU at hand. Every variant's shape also runs the eager fp32 reference

@@ -36,3 +36,21 @@ def synchronized(fn):
         return out
 
     return run
+
+
+def macs_performed(net, x) -> int:
+    """Multiply-accumulates ``net`` (a CompletionNet) performs on input ``x``, per its
+    dispatcher's choice of backend per layer: the Winograd layers ("cpp") at their reduced
+    count, the others as direct convolution."""
+    from glcic_fast.nn.architecture import layer_macs, layer_output_sizes
+    from glcic_fast.ops import winograd
+
+    chosen = dict(line.split(": ", 1) for line in net.explain_backends(x))
+    batch, _, height, width = x.shape
+    total = 0
+    for spec, h, w in layer_output_sizes(height, width):
+        if chosen[spec.name].split()[0] == "cpp":
+            total += winograd.multiplies(h, w, spec.in_channels, spec.out_channels, spec.dilation)
+        else:
+            total += layer_macs(spec, h, w)
+    return total * batch

@@ -13,13 +13,37 @@
 // Accumulation and the whole epilogue in fp32, one rounding to the dtype; out is
 // N x 256 x H x W in channels_last. The .out overload writes a given channels_last tensor.
 // CUDA only (sm_80+): there is no CPU kernel.
+//
+// Registration of glcic_fast::conv3x3_winograd_bias_act, the CPU kernel behind backend "cpp"
+// (csrc/ops/cpu/conv2d_bias_act_kernel.cpp): the 3x3, stride 1, padding == dilation convs
+// by Winograd minimal filtering F(m x m, 3 x 3), alpha = m + 2 in {4, 6, 8}:
+//
+//   out = act(conv2d(x, w, stride 1, padding = dilation, dilation) + bias) [* post_scale + post_shift]
+//
+// x: N x Cin x H x W float32 (any layout: it is made channels_last); Cin and Cout multiples of 16.
+// weight_transformed: (alpha^2, Cin, Cout) float32, element-major G w G^T;
+// input_transform: BT (alpha x alpha); output_transform: AT (m x alpha), float32. The matrices
+//   and the weight's transform are made once, in float64, by glcic_fast/ops/conv2d_bias_act.py.
+// out: N x Cout x H x W float32 in channels_last. conv3x3_winograd_isa() names the instruction
+// set the kernel runs (avx512, avx2 or portable; GLCIC_FAST_CPU_ISA picks another).
 #include <torch/library.h>
+
+#include <string>
 
 #ifdef WITH_CUDA
 #include "ops/cuda/conv2d_bias_act_kernel.h"
 #endif
 
 namespace glcic_fast {
+
+namespace winograd {
+at::Tensor conv3x3_winograd_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight_transformed,
+                                         const at::Tensor& input_transform, const at::Tensor& output_transform,
+                                         const c10::optional<at::Tensor>& bias, int64_t dilation,
+                                         c10::string_view activation, const c10::optional<at::Tensor>& post_scale,
+                                         const c10::optional<at::Tensor>& post_shift);
+std::string conv3x3_winograd_isa();
+}  // namespace winograd
 
 namespace {
 
@@ -43,6 +67,14 @@ TORCH_LIBRARY_FRAGMENT(glcic_fast, m) {
         " Tensor? post_scale, Tensor? post_shift, *, Tensor(a!) out) -> Tensor(a!)");
   // No tensor argument: a catch-all kernel, the same with or without the CUDA sources.
   m.def("conv3x3_bias_act_sm_version(int device) -> int", &conv3x3_bias_act_sm_version);
+  m.def("conv3x3_winograd_bias_act(Tensor x, Tensor weight_transformed, Tensor input_transform,"
+        " Tensor output_transform, Tensor? bias, int dilation, str activation, Tensor? post_scale,"
+        " Tensor? post_shift) -> Tensor");
+  m.def("conv3x3_winograd_isa() -> str", &winograd::conv3x3_winograd_isa);
+}
+
+TORCH_LIBRARY_IMPL(glcic_fast, CPU, m) {
+  m.impl("conv3x3_winograd_bias_act", &winograd::conv3x3_winograd_bias_act_cpu);
 }
 
 }  // namespace glcic_fast

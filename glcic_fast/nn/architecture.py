@@ -79,16 +79,22 @@ IN_CHANNELS = 4
 SIZE_MULTIPLE = 4
 
 
-def completion_macs(height: int, width: int) -> int:
-    """Multiply-accumulates of one forward pass at H x W (a transposed conv counts only
-    the taps that meet real input pixels: k*k/stride^2 per output pixel)."""
-    total, h, w = 0, height, width
+def layer_output_sizes(height: int, width: int):
+    """(spec, H_out, W_out) of each layer, in order, for an H x W input."""
+    sizes, h, w = [], height, width
     for spec in COMPLETION_LAYERS:
-        if spec.transposed:
-            h, w = h * spec.stride, w * spec.stride
-            taps = spec.kernel_size ** 2 // spec.stride ** 2
-        else:
-            h, w = h // spec.stride, w // spec.stride
-            taps = spec.kernel_size ** 2
-        total += h * w * spec.out_channels * spec.in_channels * taps
-    return total
+        h, w = (h * spec.stride, w * spec.stride) if spec.transposed else (h // spec.stride, w // spec.stride)
+        sizes.append((spec, h, w))
+    return sizes
+
+
+def layer_macs(spec: LayerSpec, out_height: int, out_width: int) -> int:
+    """Multiply-accumulates of one layer done as direct convolution, per image (a transposed
+    conv counts only the taps that meet real input pixels: k*k/stride^2 per output pixel)."""
+    taps = spec.kernel_size ** 2 // (spec.stride ** 2 if spec.transposed else 1)
+    return out_height * out_width * spec.out_channels * spec.in_channels * taps
+
+
+def completion_macs(height: int, width: int) -> int:
+    """Multiply-accumulates of one forward pass at H x W, every layer done as direct convolution."""
+    return sum(layer_macs(spec, h, w) for spec, h, w in layer_output_sizes(height, width))

@@ -19,12 +19,17 @@ and returns y in channels_last memory format. The backends:
   (glcic_fast.kernels) for every layer of the completion net, as the torch custom ops
   ``glcic_fast::triton_conv2d_bias_act`` and ``glcic_fast::triton_conv_transpose2d_bias_act``
   (torch.compile and torch.export keep them as single fused ops).
+* "cpp", where glcic_fast._C loads: ``glcic_fast::conv3x3_winograd_bias_act``, the CPU
+  kernel of the 3x3, stride 1, padding == dilation float32 convs (channels multiples of 16)
+  by Winograd minimal filtering F(4 x 4, 3 x 3) (winograd.py, csrc/ops/cpu/conv2d_bias_act*),
+  AVX-512 or AVX2 + FMA as the CPU has them; the dilated layers are run as the interleaved
+  sub-grids' ordinary 3x3 convs.
 * "cuda", where glcic_fast._C was built with its CUDA sources: the tensor-core kernel
   ``glcic_fast::conv3x3_bias_act`` (csrc/ops/conv2d_bias_act.cpp, csrc/ops/cuda/conv2d_bias_act*)
   of the 3x3, 256 -> 256, stride 1, padding == dilation layers, taken automatically only
   where the tuning table measured it fastest.
 
-Both kernels read the weight in a layout of their own: it is repacked once and reused while
+The kernels read the weight in a layout of their own: it is repacked once and reused while
 the weight is unchanged (weight_cache.py).
 """
 
@@ -34,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from glcic_fast.ops import _extension, dispatch
+from glcic_fast.ops import _extension, dispatch, winograd
 from glcic_fast.ops.weight_cache import PackedWeightCache
 
 try:
@@ -102,7 +107,7 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     backend: Optional[str] = None) -> torch.Tensor:
     """act(conv2d(x, weight) + bias) [* post_scale + post_shift], weight (Cout, Cin, k, k).
 
-    backend: None for the dispatcher's choice, or one of "torch", "triton", "cuda"
+    backend: None for the dispatcher's choice, or one of "torch", "cpp", "triton", "cuda"
     (BackendUnavailable, with the reason, if it cannot run these arguments)."""
     return _dispatch("conv2d_bias_act", False, x, weight, bias, stride, padding, dilation, activation,
                      post_scale, post_shift, backend)
@@ -194,7 +199,7 @@ dispatch.register("conv2d_bias_act", "torch", _torch_conv2d)
 dispatch.register("conv_transpose2d_bias_act", "torch", _torch_conv_transpose2d)
 
 
-#: The kernels' repacked weights, for both backends below (a layer runs on one of them).
+#: The kernels' repacked weights, for the backends below (a layer runs on one of them).
 _PACKED = PackedWeightCache(256)
 
 
@@ -376,3 +381,56 @@ if _extension.LOADED:
     # Not in the automatic choice until a GPU run's tuning table shows it fastest (and the
     # parity tests it ran with passed); named explicitly, it runs wherever why_not allows.
     dispatch.register("conv2d_bias_act", "cuda", _run_conv3x3, _conv3x3_why_not, automatic=False)
+
+
+# --------------------------------------------------------------------------------------
+# Backend "cpp": glcic_fast::conv3x3_winograd_bias_act of glcic_fast._C, Winograd F(4 x 4, 3 x 3)
+# on the CPU for the 3x3, stride 1, padding == dilation layers
+# --------------------------------------------------------------------------------------
+
+def _winograd_why_not(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    """Every reason the CPU Winograd kernel cannot run these arguments, or None."""
+    reasons = []
+    if x.device.type != "cpu":
+        reasons.append(f"the Winograd kernel runs CPU tensors, these are on {x.device}")
+    if x.dtype != torch.float32:
+        reasons.append(f"dtype {x.dtype} is not supported by the Winograd kernel (float32 is)")
+    c_out, c_in = weight.shape[:2]
+    if (weight.shape[2] != 3 or stride != 1 or padding != dilation or dilation < 1
+            or c_in % winograd.PANEL or c_out % winograd.PANEL):
+        reasons.append(f"the Winograd kernel covers only 3x3 convs with stride 1, padding == dilation >= 1 and "
+                       f"channels in multiples of {winograd.PANEL}; this one has weight {tuple(weight.shape)} "
+                       f"(Cout, Cin, kH, kW), stride {stride}, padding {padding}, dilation {dilation}")
+    tensors = (x, weight, bias, post_scale, post_shift)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        reasons.append("autograd is recording and the Winograd kernel has no backward")
+    return "; ".join(reasons) or None
+
+
+def _run_winograd(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    transformed = _PACKED.get(weight, winograd.transform_weight, winograd.TILE)
+    input_transform, output_transform = winograd.kernel_matrices(winograd.TILE)
+    return torch.ops.glcic_fast.conv3x3_winograd_bias_act(x, transformed, input_transform, output_transform, bias,
+                                                          dilation, activation, post_scale, post_shift)
+
+
+def winograd_isa() -> str:
+    """The instruction set the CPU Winograd kernel runs here: "avx512", "avx2" or "portable"
+    (environment variable GLCIC_FAST_CPU_ISA picks a lesser one)."""
+    return torch.ops.glcic_fast.conv3x3_winograd_isa()
+
+
+if _extension.LOADED:
+    @torch.library.register_fake("glcic_fast::conv3x3_winograd_bias_act")
+    def _winograd_fake(x, weight_transformed, input_transform, output_transform, bias, dilation, activation,
+                       post_scale, post_shift):
+        n, _, h, w = x.shape
+        return torch.empty((n, weight_transformed.shape[1] * winograd.PANEL, h, w), dtype=x.dtype,
+                           device=x.device, memory_format=torch.channels_last)
+
+    # Without AVX2 + FMA the portable build is slower than oneDNN's direct convolution: then
+    # the kernel runs only when named.
+    dispatch.register("conv2d_bias_act", "cpp", _run_winograd, _winograd_why_not,
+                      automatic=winograd_isa() != "portable",
+                      manual_reason="this CPU has neither AVX-512 nor AVX2 + FMA, and the portable Winograd "
+                                    "code is slower than torch's convolution: it runs only when named")

@@ -35,6 +35,8 @@ class Implementation:
     why_not: Optional[Callable[..., Optional[str]]]
     #: False: taken automatically only where the tuning table (measured on a GPU) names it.
     automatic: bool = True
+    #: Why it is not taken automatically (when automatic is False), for explain().
+    manual_reason: str = "taken automatically only where the tuning table measured it fastest"
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
@@ -52,14 +54,15 @@ def record_load_error(module: str, exc: BaseException, *backends: str):
 
 
 def register(op: str, backend: str, run: Callable, why_not: Optional[Callable[..., Optional[str]]] = None, *,
-             automatic: bool = True):
+             automatic: bool = True, manual_reason: Optional[str] = None):
     """Make ``backend`` able to run ``op`` (``why_not=None``: whatever arguments the op
     accepts). ``automatic=False`` keeps it out of the automatic choice unless the tuning
     table names it for the shape: for kernels that cover only some shapes and must earn
-    their place by a measurement."""
+    their place by a measurement (``manual_reason`` says why, for ``explain``)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not, automatic)
+    reason = {} if manual_reason is None else {"manual_reason": manual_reason}
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not, automatic, **reason)
 
 
 def _tuning_table() -> dict:
@@ -108,7 +111,7 @@ def explain(op: str, device: torch.device, *args, backend: Optional[str] = None,
             reason = impl.why_not(*args, **kwargs) if impl.why_not is not None else None
             if (reason is None and not requested and not impl.automatic
                     and _preferred(op, device, tuning_key) != name):
-                reason = "taken automatically only where the tuning table measured it fastest"
+                reason = impl.manual_reason
         if reason is None:
             return name, skipped
         skipped.append(f"{name}: {reason}")
