@@ -4,6 +4,7 @@
 import os
 
 import torch
+import torch.nn.functional as F
 
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
 from glcic_fast.nn.completion_net import CompletionNet
@@ -51,3 +52,37 @@ def saved_random_net(folder, seed=0, **kwargs):
     path = os.path.join(folder, "net.safetensors")
     save(net, path)
     return net, path
+
+
+# -- the fused conv op's formula in float64, the oracle of every backend's parity tests -------
+
+#: How far the CPU Winograd kernel (backend "cpp") may be from float64, relative to the
+#: largest output, per tile size m: measured on a 256 -> 256 layer (README): m = 2 7.2e-7,
+#: m = 4 1.8e-5, m = 6 2.5e-5; about twice that, as each tile's rounding varies with the data.
+WINOGRAD_REL_TOL = {2: 2e-6, 4: 4e-5, 6: 6e-5}
+
+
+def conv64(transposed, x, w, b, stride, padding, dilation):
+    """conv + bias in float64 on x's device (cuDNN and ATen run float64 exactly enough),
+    from the same dtype-rounded inputs."""
+    d = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    if transposed:
+        return F.conv_transpose2d(d(x), d(w), d(b), stride, padding, 0, 1, dilation)
+    return F.conv2d(d(x), d(w), d(b), stride, padding, dilation)
+
+
+def epilogue64(y, activation, scale, shift):
+    if activation == "relu":
+        y = y.relu()
+    elif activation == "sigmoid":
+        y = y.sigmoid()
+    elif activation == "hardtanh":
+        y = y.clamp(-1.0, 1.0)
+    if scale is not None:
+        y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    return y
+
+
+def fused_conv_reference(transposed, x, w, b, stride, padding, dilation, activation, scale, shift):
+    """glcic_fast.ops' fused conv formula in float64."""
+    return epilogue64(conv64(transposed, x, w, b, stride, padding, dilation), activation, scale, shift)

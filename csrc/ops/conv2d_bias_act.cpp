@@ -12,7 +12,7 @@
 //   together). activation: "relu", "sigmoid", "hardtanh" (clamp to [-1, 1]) or "none".
 // Accumulation and the whole epilogue in fp32, one rounding to the dtype; out is
 // N x 256 x H x W in channels_last. The .out overload writes a given channels_last tensor.
-// CUDA only (sm_80+): there is no CPU kernel.
+// CUDA only (sm_80+); the CPU's 3x3 convs have the Winograd kernel below.
 //
 // Registration of glcic_fast::conv3x3_winograd_bias_act, the CPU kernel behind backend "cpp"
 // (csrc/ops/cpu/conv2d_bias_act_kernel.cpp): the 3x3, stride 1, padding == dilation convs
@@ -21,7 +21,8 @@
 //   out = act(conv2d(x, w, stride 1, padding = dilation, dilation) + bias) [* post_scale + post_shift]
 //
 // x: N x Cin x H x W float32 (any layout: it is made channels_last); Cin and Cout multiples of 16.
-// weight_transformed: (alpha^2, Cin, Cout) float32, element-major G w G^T;
+// weight_transformed: G w G^T as float32 (alpha^2, Cout / 16, Cin, 16): element-major, then
+//   panels of 16 output channels (glcic_fast/ops/winograd.py transform_weight);
 // input_transform: BT (alpha x alpha); output_transform: AT (m x alpha), float32. The matrices
 //   and the weight's transform are made once, in float64, by glcic_fast/ops/conv2d_bias_act.py.
 // out: N x Cout x H x W float32 in channels_last. conv3x3_winograd_isa() names the instruction

@@ -410,14 +410,26 @@ def _winograd_why_not(x, weight, bias, stride, padding, dilation, activation, po
 def _run_winograd(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
     transformed = _PACKED.get(weight, winograd.transform_weight, winograd.TILE)
     input_transform, output_transform = winograd.kernel_matrices(winograd.TILE)
+    # The kernel reads the per-channel vectors densely (a no-op for the net's own).
+    bias, post_scale, post_shift = (None if t is None else t.contiguous() for t in (bias, post_scale, post_shift))
     return torch.ops.glcic_fast.conv3x3_winograd_bias_act(x, transformed, input_transform, output_transform, bias,
                                                           dilation, activation, post_scale, post_shift)
 
 
 def winograd_isa() -> str:
-    """The instruction set the CPU Winograd kernel runs here: "avx512", "avx2" or "portable"
-    (environment variable GLCIC_FAST_CPU_ISA picks a lesser one)."""
+    """The instruction set the CPU Winograd kernel runs now: "avx512", "avx2" or "portable"
+    (environment variable GLCIC_FAST_CPU_ISA picks a lesser one; a value it cannot take
+    raises ValueError or RuntimeError saying why)."""
     return torch.ops.glcic_fast.conv3x3_winograd_isa()
+
+
+def _winograd_why_not_automatic():
+    """The portable build is some 40x slower than torch's convolution: it runs only when named.
+    (Not asked while torch.compile traces, which cannot call an op that returns a string.)"""
+    if not torch.compiler.is_compiling() and winograd_isa() == "portable":
+        return ("the Winograd kernel would run its portable code (the CPU has neither AVX-512 nor AVX2 + FMA, or "
+                "GLCIC_FAST_CPU_ISA=portable), far slower than torch's convolution: it runs only when named")
+    return None
 
 
 if _extension.LOADED:
@@ -428,9 +440,5 @@ if _extension.LOADED:
         return torch.empty((n, weight_transformed.shape[1] * winograd.PANEL, h, w), dtype=x.dtype,
                            device=x.device, memory_format=torch.channels_last)
 
-    # Without AVX2 + FMA the portable build is slower than oneDNN's direct convolution: then
-    # the kernel runs only when named.
     dispatch.register("conv2d_bias_act", "cpp", _run_winograd, _winograd_why_not,
-                      automatic=winograd_isa() != "portable",
-                      manual_reason="this CPU has neither AVX-512 nor AVX2 + FMA, and the portable Winograd "
-                                    "code is slower than torch's convolution: it runs only when named")
+                      why_not_automatic=_winograd_why_not_automatic)

@@ -35,8 +35,9 @@ class Implementation:
     why_not: Optional[Callable[..., Optional[str]]]
     #: False: taken automatically only where the tuning table (measured on a GPU) names it.
     automatic: bool = True
-    #: Why it is not taken automatically (when automatic is False), for explain().
-    manual_reason: str = "taken automatically only where the tuning table measured it fastest"
+    #: Asked at each automatic choice: why not to take it automatically now (it still runs
+    #: when named), or None.
+    why_not_automatic: Optional[Callable[[], Optional[str]]] = None
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
@@ -54,15 +55,15 @@ def record_load_error(module: str, exc: BaseException, *backends: str):
 
 
 def register(op: str, backend: str, run: Callable, why_not: Optional[Callable[..., Optional[str]]] = None, *,
-             automatic: bool = True, manual_reason: Optional[str] = None):
+             automatic: bool = True, why_not_automatic: Optional[Callable[[], Optional[str]]] = None):
     """Make ``backend`` able to run ``op`` (``why_not=None``: whatever arguments the op
     accepts). ``automatic=False`` keeps it out of the automatic choice unless the tuning
     table names it for the shape: for kernels that cover only some shapes and must earn
-    their place by a measurement (``manual_reason`` says why, for ``explain``)."""
+    their place by a measurement. ``why_not_automatic``, asked at each automatic choice,
+    keeps it out while it returns a reason (for what can change while the process runs)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    reason = {} if manual_reason is None else {"manual_reason": manual_reason}
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not, automatic, **reason)
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(run, why_not, automatic, why_not_automatic)
 
 
 def _tuning_table() -> dict:
@@ -109,9 +110,11 @@ def explain(op: str, device: torch.device, *args, backend: Optional[str] = None,
             reason = LOAD_ERRORS.get(name, "not implemented for this op")
         else:
             reason = impl.why_not(*args, **kwargs) if impl.why_not is not None else None
-            if (reason is None and not requested and not impl.automatic
-                    and _preferred(op, device, tuning_key) != name):
-                reason = impl.manual_reason
+            if reason is None and not requested:
+                if not impl.automatic and _preferred(op, device, tuning_key) != name:
+                    reason = "taken automatically only where the tuning table measured it fastest"
+                elif impl.why_not_automatic is not None:
+                    reason = impl.why_not_automatic()
         if reason is None:
             return name, skipped
         skipped.append(f"{name}: {reason}")

@@ -14,7 +14,8 @@ cached by the caller), in float64, and rounded once to float32.
 
 The larger m, the larger the transforms' coefficients and the rounding error in float32.
 Max |error| / max |output| of a 256 -> 256 layer against float64 (README, "Winograd on
-the CPU"): direct float32 convolution 2.7e-7; m = 2 7.2e-7, m = 4 1.8e-5, m = 6 2.5e-5.
+the CPU"; benchmarks/bench_winograd_tile.py): direct float32 convolution (oneDNN) 1.9e-6;
+m = 2 7.2e-7, m = 4 1.8e-5, m = 6 2.5e-5.
 ``TILE`` is the m the backend uses.
 """
 
@@ -26,9 +27,10 @@ import torch
 POINTS = {2: (0.0, 1.0, -1.0), 4: (0.0, 1.0, -1.0, 2.0, -2.0), 6: (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)}
 
 #: The m of backend "cpp": F(4 x 4, 3 x 3). On the 2-core Zen 5 development machine the whole
-#: net at 512^2 took 453, 377 and 439 ms with m = 2, 4 and 6 (README), and m = 4's error
-#: stays far inside the network's 1e-4 budget (2.7e-6 on random weights and a photo); m = 6
-#: transforms cost more, and its 8 x 8 tiles waste work on the dilation-16 layer's sub-grids.
+#: net at 512^2 took 452, 375 and 428 ms with m = 2, 4 and 6 (bench_winograd_tile.py,
+#: README), and m = 4's output stays far inside the network's 1e-4 budget (3.2e-6 from
+#: float64); m = 6's transforms cost more, and its 8 x 8 tiles waste work on the
+#: dilation-16 layer's 8 x 8 sub-grids.
 TILE = 4
 
 #: Output channels are grouped in panels of this many (the kernel's kChannelRun): the

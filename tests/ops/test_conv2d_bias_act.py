@@ -39,6 +39,7 @@ from glcic_fast.ops import dispatch
 from glcic_fast.ops.weight_cache import PackedWeightCache
 
 import helpers
+from helpers import WINOGRAD_REL_TOL, conv64, epilogue64, fused_conv_reference
 
 # The module, not the function that glcic_fast.ops exports under the same name.
 conv = importlib.import_module("glcic_fast.ops.conv2d_bias_act")
@@ -53,8 +54,6 @@ needs_extension = pytest.mark.skipif(not conv._extension.LOADED, reason=ops.BACK
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-#: Winograd F(4x4, 3x3) rounds in its transforms too (test_winograd.py: about 1.2e-5 measured).
-WINOGRAD_REL_TOL = 4e-5
 C = 256  # the CUDA kernel's channels
 DILATIONS = (1, 2, 4, 8, 16)  # those of the net's 3x3 256 -> 256 layers
 
@@ -104,32 +103,6 @@ def _make(spec_like, dtype, *, affine, n=2, size=(11, 13), seed=0, device=DEVICE
         shift = torch.randn(cout, generator=g) * 0.1
     return tuple(t.to(device=device, dtype=dtype) if t is not None else None
                  for t in (x, w, b, scale, shift))
-
-
-def _conv64(transposed, x, w, b, stride, padding, dilation):
-    """conv + bias in float64 on x's device (cuDNN and ATen run float64 exactly enough),
-    from the same dtype-rounded inputs."""
-    d = lambda t: None if t is None else t.detach().double()
-    if transposed:
-        return F.conv_transpose2d(d(x), d(w), d(b), stride, padding, 0, 1, dilation)
-    return F.conv2d(d(x), d(w), d(b), stride, padding, dilation)
-
-
-def _epilogue64(y, activation, scale, shift):
-    if activation == "relu":
-        y = y.relu()
-    elif activation == "sigmoid":
-        y = y.sigmoid()
-    elif activation == "hardtanh":
-        y = y.clamp(-1.0, 1.0)
-    if scale is not None:
-        y = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
-    return y
-
-
-def _reference(transposed, x, w, b, stride, padding, dilation, activation, scale, shift):
-    """The fused op's formula in float64."""
-    return _epilogue64(_conv64(transposed, x, w, b, stride, padding, dilation), activation, scale, shift)
 
 
 def _ulp(ref, dtype):
@@ -230,8 +203,8 @@ def test_layer_parity(backend, dtype, spec, activation, full):
         if CUDA:
             torch.cuda.synchronize()
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    _assert_close(y, _reference(spec.transposed, x, w, b, *args), dtype, one_rounding=backend != "torch",
-                  rel_tol=WINOGRAD_REL_TOL if backend == "cpp" else None)
+    _assert_close(y, fused_conv_reference(spec.transposed, x, w, b, *args), dtype, one_rounding=backend != "torch",
+                  rel_tol=WINOGRAD_REL_TOL[4] if backend == "cpp" else None)
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
@@ -253,7 +226,7 @@ def test_epilogue_variants_through_the_op(backend, transposed, activation, affin
         y = op(x, w, b, stride=stride, padding=padding, dilation=dilation, activation=activation,
                post_scale=scale, post_shift=shift, backend=backend)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    _assert_close(y, _reference(transposed, x, w, b, stride, padding, dilation, activation, scale, shift), dtype)
+    _assert_close(y, fused_conv_reference(transposed, x, w, b, stride, padding, dilation, activation, scale, shift), dtype)
 
 
 # ------------------------------------------------------------------------------- Triton kernel
@@ -278,7 +251,7 @@ def test_triton_generic_shapes(case, dtype):
     args = (stride, padding, dilation, "relu", scale, shift)
     with torch.no_grad():
         y = _triton_poisoned(transposed, x, w, b, *args)
-    _assert_close(y, _reference(transposed, x, w, b, *args), dtype)
+    _assert_close(y, fused_conv_reference(transposed, x, w, b, *args), dtype)
 
 
 @needs_triton
@@ -293,11 +266,11 @@ def test_triton_non_contiguous_and_channels_last_inputs():
         for name, xv in views.items():
             y = ops.conv2d_bias_act(xv, w, b, padding=1, activation="relu", post_scale=scale,
                                     post_shift=shift, backend="triton")
-            _assert_close(y, _reference(False, xv, w, b, 1, 1, 1, "relu", scale, shift), torch.float32)
+            _assert_close(y, fused_conv_reference(False, xv, w, b, 1, 1, 1, "relu", scale, shift), torch.float32)
         wt = torch.randn(16, 8, 4, 4, device=DEVICE)                      # deconv on a crop
         y = ops.conv_transpose2d_bias_act(views["strided-nchw"], wt, None, stride=2,
                                           padding=1, activation="none", backend="triton")
-        _assert_close(y, _reference(True, views["strided-nchw"], wt, None, 2, 1, 1, "none", None, None),
+        _assert_close(y, fused_conv_reference(True, views["strided-nchw"], wt, None, 2, 1, 1, "none", None, None),
                       torch.float32)
 
 
@@ -306,7 +279,7 @@ def test_triton_no_bias_and_empty_batch():
     x, w, _, _, _ = _make((False, 16, 16, 3), torch.float16, affine=False, size=(5, 6))
     with torch.no_grad():
         y = _triton_poisoned(False, x, w, None, 1, 1, 1, "sigmoid", None, None)
-        _assert_close(y, _reference(False, x, w, None, 1, 1, 1, "sigmoid", None, None), torch.float16)
+        _assert_close(y, fused_conv_reference(False, x, w, None, 1, 1, 1, "sigmoid", None, None), torch.float16)
         y0 = ops.conv2d_bias_act(x[:0], w, None, padding=1, backend="triton")
     assert y0.shape == (0, 16, 5, 6)
 
@@ -325,7 +298,7 @@ def test_triton_weight_is_repacked_once_and_again_after_an_update():
         w.mul_(-1.0)                                     # in place: bumps w._version
         assert conv._triton_packed_weight(w, False, 1, 1) is not packed
         y2 = ops.conv2d_bias_act(x, w, b, padding=1, backend="triton")
-    _assert_close(y2, _reference(False, x, w, b, 1, 1, 1, "relu", None, None), torch.float32)
+    _assert_close(y2, fused_conv_reference(False, x, w, b, 1, 1, 1, "relu", None, None), torch.float32)
     assert not torch.equal(y1, y2)
     del w
     assert len(conv._PACKED) == 0, "the entry of a freed weight was kept"
@@ -484,7 +457,7 @@ def test_triton_more_than_2_31_elements_on_gpu():
 @needs_triton
 def test_triton_tf32_only_when_asked_on_gpu(monkeypatch):
     x, w, b, _, _ = _make((False, 256, 256, 3), torch.float32, affine=False, size=(64, 64))
-    ref = _reference(False, x, w, b, 1, 1, 1, "relu", None, None)
+    ref = fused_conv_reference(False, x, w, b, 1, 1, 1, "relu", None, None)
     monkeypatch.setattr(tk, "ALLOW_TF32", None)
     # Not monkeypatch: torch.backends.cuda.matmul has no attribute of its own to put back.
     saved = torch.backends.cuda.matmul.allow_tf32
@@ -513,7 +486,7 @@ def _conv3x3_inputs_and_conv(dtype, n, dilation):
     if key not in _CONV3X3_REFERENCE:
         _CONV3X3_REFERENCE.clear()  # keep one: the parametrization below varies the epilogue fastest
         x, w, b, scale, shift = _make((False, C, C, 3), dtype, affine=True, n=n, size=(37, 53), seed=dilation)
-        _CONV3X3_REFERENCE[key] = (x, w, b, scale, shift, _conv64(False, x, w, b, 1, dilation, dilation))
+        _CONV3X3_REFERENCE[key] = (x, w, b, scale, shift, conv64(False, x, w, b, 1, dilation, dilation))
     return _CONV3X3_REFERENCE[key]
 
 
@@ -532,7 +505,7 @@ def test_conv3x3_dilations_and_epilogues_on_gpu(dilation, dtype, n, activation, 
         scale = shift = None
     with torch.no_grad():
         y = _conv3x3_poisoned(x, w, b, dilation, activation, scale, shift)
-    _assert_close(y, _epilogue64(conv64, activation, scale, shift), dtype)
+    _assert_close(y, epilogue64(conv64, activation, scale, shift), dtype)
 
 
 @needs_cuda
@@ -554,7 +527,7 @@ def test_conv3x3_public_op_picks_cuda_and_matches(dtype, monkeypatch):
             y = ops.conv2d_bias_act(x, w, b, padding=dilation, dilation=dilation, activation="relu",
                                     post_scale=scale, post_shift=shift)
         assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-        _assert_close(y, _reference(False, x, w, b, 1, dilation, dilation, "relu", scale, shift), dtype)
+        _assert_close(y, fused_conv_reference(False, x, w, b, 1, dilation, dilation, "relu", scale, shift), dtype)
 
 
 @needs_cuda
@@ -588,7 +561,7 @@ def test_conv3x3_layouts_alignment_and_empty_batch():
     binding then goes through aligned copies), no bias, an empty batch."""
     dtype = torch.bfloat16
     x, w, _, _, _ = _make((False, C, C, 3), dtype, n=2, size=(21, 30), affine=False)
-    ref = lambda xv: _reference(False, xv, w, None, 1, 2, 2, "sigmoid", None, None)
+    ref = lambda xv: fused_conv_reference(False, xv, w, None, 1, 2, 2, "sigmoid", None, None)
     with torch.no_grad():
         crop = x[:, :, 2:19, 3:29]
         _assert_close(conv._conv3x3(crop, w, None, 2, "sigmoid"), ref(crop), dtype)

@@ -41,8 +41,8 @@ struct Tile {
 constexpr int kChannelRun = 16;
 
 // Floats from one row of the transformed inputs v to the next: cin and a run more, so that
-// the micro-kernel's rows, read side by side, fall in different L1 sets (cin * 4 bytes is a
-// multiple of 1 KiB: the rows would share a few sets and evict one another).
+// the micro-kernel's rows, read side by side, fall in different L1 sets (rows a multiple of
+// 1 KiB apart, as cin = 256 would put them, share a few sets and evict one another).
 constexpr int64_t v_row_stride(int64_t cin) { return cin + kChannelRun; }
 
 // One instruction set's code. The transforms and the GEMM work on a block of `count` tiles
