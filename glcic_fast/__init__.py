@@ -2,6 +2,11 @@
 
 import sys
 
+from glcic_fast.devices import use_huge_pages_for_cpu_tensors
+
+# Before the imports below could allocate a large tensor: PyTorch reads the switch once.
+use_huge_pages_for_cpu_tensors()
+
 from glcic_fast import ops
 from glcic_fast.nn import reference
 from glcic_fast.nn.architecture import COMPLETION_LAYERS
