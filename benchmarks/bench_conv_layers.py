@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from glcic_fast import ops
-from glcic_fast.nn.architecture import COMPLETION_LAYERS
+from glcic_fast.nn.architecture import layer_macs
 
-from measure import provenance, synchronized
+from measure import layer_sides, provenance, synchronized
 from make_tuning_table import tuning_key
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -27,25 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 IMAGE = 1024
 
 
-def _layer_inputs(size=IMAGE):
-    """(spec, input H = W) for each layer on a size x size image."""
-    out = []
-    for spec in COMPLETION_LAYERS:
-        out.append((spec, size))
-        k, s, p, d = spec.kernel_size, spec.stride, spec.padding, spec.dilation
-        size = (size - 1) * s - 2 * p + k if spec.transposed else (size + 2 * p - d * (k - 1) - 1) // s + 1
-    return out
-
-
-LAYERS = _layer_inputs()
-
-
-def _flops(spec, batch, size):
-    k = spec.kernel_size
-    if spec.transposed:  # every input pixel meets every kernel tap once
-        return 2 * batch * size * size * spec.in_channels * spec.out_channels * k * k
-    out = (size + 2 * spec.padding - spec.dilation * (k - 1) - 1) // spec.stride + 1
-    return 2 * batch * out * out * spec.in_channels * spec.out_channels * k * k
+LAYERS = layer_sides(IMAGE)
 
 
 def _cuda_ms(fn, iters=10):
@@ -60,8 +42,8 @@ def _cuda_ms(fn, iters=10):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("spec,size", [pytest.param(s, n, id=f"{s.name}-{n}px") for s, n in LAYERS])
-def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
+@pytest.mark.parametrize("spec,size,out", [pytest.param(s, n, o, id=f"{s.name}-{n}px") for s, n, o in LAYERS])
+def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, out, batch, backend):
     dtype, dev = torch.bfloat16, "cuda"
     g = torch.Generator(device=dev).manual_seed(spec.index)
     x = torch.randn(batch, spec.in_channels, size, size, device=dev, generator=g).to(dtype)
@@ -94,7 +76,7 @@ def test_conv_layer(benchmark, bf16_gemm_tflops, spec, size, batch, backend):
         ms = _cuda_ms(run)
 
         benchmark.group = f"{spec.name}-{size}px-b{batch}"
-        flops = _flops(spec, batch, size)
+        flops = 2 * batch * layer_macs(spec, out, out)
         tflops = flops / (ms * 1e-3) / 1e12
         benchmark.extra_info.update(provenance())
         benchmark.extra_info.update({

@@ -13,30 +13,21 @@ import pytest
 import torch
 
 from glcic_fast import ops
-from glcic_fast.nn.architecture import COMPLETION_LAYERS, layer_macs, layer_output_sizes
+from glcic_fast.nn.architecture import COMPLETION_LAYERS, layer_macs
 from glcic_fast.ops import winograd
 
-from measure import provenance
+from measure import layer_sides, provenance
 
 IMAGE = 1024
-
-
-def _inputs(size):
-    """Each layer's input shape for a size x size image (the previous layer's output)."""
-    shapes, previous = {}, (4, size, size)
-    for spec, h, w in layer_output_sizes(size, size):
-        shapes[spec.name] = previous
-        previous = (spec.out_channels, h, w)
-    return shapes
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("spec", COMPLETION_LAYERS, ids=[s.name for s in COMPLETION_LAYERS])
 def test_conv_layer_cpu(benchmark, request, spec, backend):
     size = 256 if request.config.getoption("benchmark_disable") else IMAGE
-    channels, h, w = _inputs(size)[spec.name]
+    side, out = next((side, out) for s, side, out in layer_sides(size) if s is spec)
     g = torch.Generator().manual_seed(spec.index)
-    x = torch.randn(1, channels, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, spec.in_channels, side, side, generator=g).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(spec.weight_shape, generator=g) * 0.05).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(spec.out_channels, generator=g) * 0.1
     op_name = "conv_transpose2d_bias_act" if spec.transposed else "conv2d_bias_act"
@@ -50,9 +41,8 @@ def test_conv_layer_cpu(benchmark, request, spec, backend):
     benchmark.group = f"conv-layers-cpu-{size}"
     with torch.inference_mode():
         benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    out_h, out_w = next((oh, ow) for s, oh, ow in layer_output_sizes(size, size) if s.name == spec.name)
-    direct = layer_macs(spec, out_h, out_w)
-    performed = (winograd.multiplies(out_h, out_w, spec.in_channels, spec.out_channels, spec.dilation)
+    direct = layer_macs(spec, out, out)
+    performed = (winograd.multiplies(out, out, spec.in_channels, spec.out_channels, spec.dilation)
                  if backend == "cpp" else direct)
     info = {**provenance(), "layer": spec.name, "backend": backend, "size": size}
     if benchmark.stats is not None:  # None under --benchmark-disable

@@ -145,9 +145,7 @@ def test_net_inference(benchmark, monkeypatch, weights, bf16_gemm_tflops, varian
     info = provenance()
     info.update({"variant": variant, "batch": batch, "size": size, "max_abs_diff_to_fp32_reference": max_diff})
     if isinstance(model, CompletionNet):  # which backend ran each layer ("conv1: triton (passed over: ...)")
-        with torch.inference_mode():
-            lines = model.explain_backends(x[:1, :, :64, :64])
-        info["backends"] = {line.split(":")[0]: line.split(":")[1].split()[0] for line in lines}
+        info["backends"] = {name: chosen for name, (chosen, _) in model.layer_backends(x[:1, :, :64, :64]).items()}
     if benchmark.stats is not None:  # None under --benchmark-disable
         seconds = benchmark.stats.stats.median
         tflops = 2 * completion_macs(size, size) * batch / seconds / 1e12

@@ -45,12 +45,21 @@ def macs_performed(net, x) -> int:
     from glcic_fast.nn.architecture import layer_macs, layer_output_sizes
     from glcic_fast.ops import winograd
 
-    chosen = dict(line.split(": ", 1) for line in net.explain_backends(x))
+    chosen = net.layer_backends(x)
     batch, _, height, width = x.shape
     total = 0
     for spec, h, w in layer_output_sizes(height, width):
-        if chosen[spec.name].split()[0] == "cpp":
+        if chosen[spec.name][0] == "cpp":
             total += winograd.multiplies(h, w, spec.in_channels, spec.out_channels, spec.dilation)
         else:
             total += layer_macs(spec, h, w)
     return total * batch
+
+
+def layer_sides(size: int):
+    """(spec, input side, output side) of each layer of the completion net on a size x size image."""
+    from glcic_fast.nn.architecture import layer_output_sizes
+
+    outputs = layer_output_sizes(size, size)
+    inputs = [size] + [h for _, h, _ in outputs[:-1]]
+    return [(spec, side, out) for (spec, out, _), side in zip(outputs, inputs)]

@@ -11,7 +11,7 @@ drop-in); ``prepare_input`` and ``output_to_image`` map an RGB image in [0, 1] a
 mask to that input, and the raw output back to RGB in [0, 1], per the input convention.
 """
 
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -159,19 +159,26 @@ class CompletionNet(ReferenceCompletionNet):
             h = _run_fused_layer(layer, h, self.backend)
         return h.contiguous()
 
-    def explain_backends(self, x: torch.Tensor) -> List[str]:
-        """One line per layer: the backend the dispatcher picks for input ``x`` in eval mode,
-        and why faster ones were passed over."""
-        lines, h = [], torch.empty_like(x)
+    def layer_backends(self, x: torch.Tensor) -> Dict[str, Tuple[Optional[str], List[str]]]:
+        """Per layer name: (the backend the dispatcher picks for input ``x`` in eval mode, or
+        None; one line for each faster backend passed over, with the reason)."""
+        choices, h = {}, torch.empty_like(x)
         with torch.inference_mode():
             for layer in self.fused_layers(x.dtype, x.device):
                 name = "conv_transpose2d_bias_act" if layer.spec.transposed else "conv2d_bias_act"
                 args = (h, layer.weight, layer.bias, layer.spec.stride, layer.spec.padding, layer.spec.dilation,
                         layer.activation, layer.post_scale, layer.post_shift)
-                chosen, skipped = ops.explain(name, x.device, *args, backend=self.backend)
-                passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
-                lines.append(f"{layer.spec.name}: {chosen or 'none'}{passed_over}")
+                choices[layer.spec.name] = ops.explain(name, x.device, *args, backend=self.backend)
                 h = _run_fused_layer(layer, h, "torch")  # only the next layer's input shape matters
+        return choices
+
+    def explain_backends(self, x: torch.Tensor) -> List[str]:
+        """One line per layer: the backend the dispatcher picks for input ``x`` in eval mode,
+        and why faster ones were passed over (``layer_backends``, in words)."""
+        lines = []
+        for name, (chosen, skipped) in self.layer_backends(x).items():
+            passed_over = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+            lines.append(f"{name}: {chosen or 'none'}{passed_over}")
         return lines
 
     # -- BatchNorm folding -------------------------------------------------------------

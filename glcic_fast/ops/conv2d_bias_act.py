@@ -125,6 +125,12 @@ def conv_transpose2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optio
                      post_scale, post_shift, backend)
 
 
+def _autograd_records(*tensors) -> bool:
+    """Whether autograd would record a call on these tensors (None for an absent one): the
+    kernels have no backward, only the torch backend does."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _output_size(size, k, stride, padding, dilation, transposed):
     if transposed:
         return (size - 1) * stride - 2 * padding + dilation * (k - 1) + 1
@@ -213,8 +219,7 @@ def _triton_why_not(transposed, x, weight, bias, stride, padding, dilation, acti
                 "before triton is imported to run its kernels in the CPU interpreter")
     if x.dtype not in _triton.DTYPES:
         return f"dtype {x.dtype} is not supported (float32, float16, bfloat16 are)"
-    tensors = (x, weight, bias, post_scale, post_shift)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _autograd_records(x, weight, bias, post_scale, post_shift):
         return "autograd is recording and the Triton kernels have no backward"
     if stride < 1:
         return f"stride {stride} is not supported (it must be at least 1)"
@@ -342,8 +347,7 @@ def _conv3x3_why_not(x, weight, bias, stride, padding, dilation, activation, pos
     if x.dtype not in _CONV3X3_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the CUDA conv kernel (float16 and bfloat16 are: "
                        "it runs on tensor cores)")
-    tensors = (x, weight, bias, post_scale, post_shift)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _autograd_records(x, weight, bias, post_scale, post_shift):
         reasons.append("autograd is recording and the CUDA conv kernel has no backward")
     # Not while torch.compile traces (the op's binding checks the GPU again when it runs).
     if x.device.type == "cuda" and _HAS_CONV3X3_CUDA and not torch.compiler.is_compiling():
@@ -401,8 +405,7 @@ def _winograd_why_not(x, weight, bias, stride, padding, dilation, activation, po
         reasons.append(f"the Winograd kernel covers only 3x3 convs with stride 1, padding == dilation >= 1 and "
                        f"channels in multiples of {winograd.PANEL}; this one has weight {tuple(weight.shape)} "
                        f"(Cout, Cin, kH, kW), stride {stride}, padding {padding}, dilation {dilation}")
-    tensors = (x, weight, bias, post_scale, post_shift)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _autograd_records(x, weight, bias, post_scale, post_shift):
         reasons.append("autograd is recording and the Winograd kernel has no backward")
     return "; ".join(reasons) or None
 

@@ -85,7 +85,7 @@ def test_auto_choice_takes_the_cuda_conv_only_where_the_tuning_table_names_it(mo
     x = torch.rand(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
 
     def chosen():
-        return {line.split(":")[0]: line.split(":")[1].split()[0] for line in net.explain_backends(x)}
+        return {name: backend for name, (backend, _) in net.layer_backends(x).items()}
 
     monkeypatch.setattr(dispatch, "_TUNING", {})
     assert "cuda" not in chosen().values()

@@ -187,8 +187,8 @@ def test_whole_network_within_1e_4_of_the_float64_reference(bn_after_relu):
     image = photo("astronaut", 260, 196)
     mask = rect_mask(260, 196, (90, 60, 70, 50))
     x = net.prepare_input(image[None], mask[None])
-    chosen = dict(line.split(":")[0:2] for line in net.explain_backends(x))
-    on_winograd = [name for name, backend in chosen.items() if backend.split()[0] == "cpp"]
+    chosen = net.layer_backends(x)
+    on_winograd = [name for name, (backend, _) in chosen.items() if backend == "cpp"]
     assert on_winograd == ["conv3", "conv5", "conv6", "conv7", "conv8", "conv9", "conv10", "conv11", "conv12",
                            "conv14", "conv16"], chosen
     with torch.inference_mode():
