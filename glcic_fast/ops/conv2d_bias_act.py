@@ -427,7 +427,8 @@ def winograd_isa() -> str:
 
 
 def _winograd_why_not_automatic():
-    """The portable build is some 40x slower than torch's convolution: it runs only when named.
+    """The portable build is several times slower than torch's convolution (README): it runs
+    only when named.
     (Not asked while torch.compile traces, which cannot call an op that returns a string.)"""
     if not torch.compiler.is_compiling() and winograd_isa() == "portable":
         return ("the Winograd kernel would run its portable code (the CPU has neither AVX-512 nor AVX2 + FMA, or "
