@@ -50,7 +50,7 @@ def net():
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     """Headless Chromium through chromedriver (both Debian's; scripts/setup.sh installs them
     where it can: as root, with apt-get)."""
     webdriver = pytest.importorskip("selenium.webdriver",
@@ -65,8 +65,10 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     # --no-sandbox: Chromium refuses to run as root with its sandbox (CI runs as root).
+    # A profile of its own under pytest's tmp dir: otherwise each run leaves one in /tmp.
+    profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 f"--window-size={WINDOW[0]},{WINDOW[1]}"):
+                 f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options,
                               service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
