@@ -155,6 +155,28 @@ def test_net_inference(benchmark, monkeypatch, weights, bf16_gemm_tflops, varian
     benchmark.extra_info.update(info)
 
 
+@pytest.mark.parametrize("made", ["normally", "under-inference-mode"])
+def test_net_with_inference_tensor_weights(benchmark, weights, made):
+    """A net built and loaded under inference_mode holds inference tensors, which have no
+    version counter: the fold must still be reused (against a copy of the weights) rather
+    than redone, with every layer's weight repacked, on each call. Side by side with the
+    same net built normally, at batch 1 x 512^2 in the dispatcher's choice."""
+    benchmark.group = f"net-{DEVICE}-inference-tensor-weights"
+    dtype = "bf16" if CUDA else "fp32"
+    with torch.inference_mode(made == "under-inference-mode"):
+        model, prepare = _build(f"glcic_fast-auto-{dtype}", weights)
+    assert any(p.is_inference() for p in model.parameters()) == (made == "under-inference-mode")
+    x32, want = _input_and_reference_output(weights, 1, 512)
+    x = prepare(x32)
+    with torch.inference_mode():
+        max_diff = (model(x).float() - want).abs().max().item()
+        benchmark.pedantic(synchronized(model), args=(x,), rounds=5 if CUDA else 3, iterations=1, warmup_rounds=1)
+    assert max_diff <= (5e-2 if CUDA else 1e-4), f"differs from the reference by {max_diff}"
+    info = provenance()
+    info.update({"weights_made": made, "max_abs_diff_to_fp32_reference": max_diff})
+    benchmark.extra_info.update(info)
+
+
 _REFERENCE_OUTPUTS = {}
 
 

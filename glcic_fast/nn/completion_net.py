@@ -188,21 +188,28 @@ class CompletionNet(ReferenceCompletionNet):
 
         Cached until a parameter or buffer changes (an optimiser step, load_state_dict,
         .to()): the key holds every tensor's storage pointer and in-place version counter.
-        While autograd records, the folding is recomputed inside the graph so that
-        gradients reach the parameters."""
+        Inference tensors (a net built or loaded under inference_mode) have no version
+        counter: they are compared with a copy taken when they were folded, which costs a
+        read of the weights per call instead of a fold and a repacking per call. While
+        autograd records, the folding is recomputed inside the graph so that gradients reach
+        the parameters."""
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if recording:
+            return self._fold(dtype, device)
         # The children are the convs and BNs themselves: reading their tensors directly is
         # several times cheaper than parameters()/buffers(), and this runs every forward.
         tensors = [t for m in self._modules.values() for d in (m._parameters, m._buffers) for t in d.values()]
-        if recording or any(t.is_inference() for t in tensors):  # inference tensors have no version counter
-            return self._fold(dtype, device)
         key = (dtype, device, self.bn_after_relu, self.output_activation,
-               tuple((t.data_ptr(), t._version) for t in tensors))
-        if self._fused_cache is None or self._fused_cache[0] != key:
-            # Normal (not inference) tensors even when called under inference_mode, so that
-            # backends can key their own caches on the folded weights' version counters.
-            with torch.inference_mode(False), torch.no_grad():
-                self._fused_cache = (key, self._fold(dtype, device))
+               tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors))
+        cached = self._fused_cache
+        if cached is not None and cached[0] == key and all(
+                torch.equal(t, copy) for t, copy in zip(tensors, cached[2]) if copy is not None):
+            return cached[1]
+        # Normal (not inference) tensors even when called under inference_mode, so that
+        # backends can key their own caches on the folded weights' version counters.
+        with torch.inference_mode(False), torch.no_grad():
+            copies = [t.clone() if t.is_inference() else None for t in tensors]
+            self._fused_cache = (key, self._fold(dtype, device), copies)
         return self._fused_cache[1]
 
     def _fold(self, dtype, device) -> List[FusedLayer]:

@@ -176,11 +176,24 @@ def test_repr_says_what_it_holds():
 
 
 def test_net_built_under_inference_mode():
-    """Parameters that are inference tensors have no version counter: folding is then
-    redone on every call rather than cached on a key that cannot see changes."""
+    """Parameters that are inference tensors have no version counter: the fold is reused
+    while their contents are unchanged, and redone after an in-place change or a load."""
     with torch.inference_mode():
         net = randomize(CompletionNet(bn_after_relu=False), seed=12).eval()  # folding is the point
         ref = ReferenceCompletionNet(bn_after_relu=False)
         ref.load_state_dict(net.state_dict())
+        ref.eval()
         x = torch.rand(1, 4, 16, 16)
-        assert (net(x) - ref.eval()(x)).abs().max() <= 1e-4
+        assert (net(x) - ref(x)).abs().max() <= 1e-4
+        folded = net.fused_layers(x.dtype, x.device)
+        assert net.fused_layers(x.dtype, x.device) is folded, "unchanged inference tensors were folded again"
+        assert not folded[0].weight.is_inference(), "the backends' packed-weight caches need version counters"
+
+        net.bn3.running_var.mul_(2)  # in place, and no version counter moves
+        ref.bn3.running_var.mul_(2)
+        assert net.fused_layers(x.dtype, x.device) is not folded
+        assert (net(x) - ref(x)).abs().max() <= 1e-4
+
+        other = randomize(ReferenceCompletionNet(False), seed=13).eval()
+        net.load_state_dict(other.state_dict())  # copies into the same storage
+        assert (net(x) - other(x)).abs().max() <= 1e-4
