@@ -288,8 +288,12 @@ def _run_triton_conv_transpose2d(x, weight, bias, stride, padding, dilation, act
 
 
 if _triton is not None:
-    _define_triton_op("glcic_fast::triton_conv2d_bias_act", _triton_conv2d_op, False)
-    _define_triton_op("glcic_fast::triton_conv_transpose2d_bias_act", _triton_conv_transpose2d_op, True)
+    # Defined only where they can run: torch.library.triton_op imports Inductor to find the
+    # kernels a function launches, about 0.9 s of `import glcic_fast` on a machine with no
+    # GPU, where the dispatcher never picks them (its check says why).
+    if _triton.INTERPRET or torch.cuda.is_available():
+        _define_triton_op("glcic_fast::triton_conv2d_bias_act", _triton_conv2d_op, False)
+        _define_triton_op("glcic_fast::triton_conv_transpose2d_bias_act", _triton_conv_transpose2d_op, True)
     dispatch.register("conv2d_bias_act", "triton", _run_triton_conv2d, functools.partial(_triton_why_not, False))
     dispatch.register("conv_transpose2d_bias_act", "triton", _run_triton_conv_transpose2d,
                       functools.partial(_triton_why_not, True))

@@ -370,6 +370,24 @@ def test_triton_on_cpu_without_interpreter_in_a_fresh_process():
     assert "REFUSED" in res.stdout and "CUDA tensors" in res.stdout, res.stdout + res.stderr[-2000:]
 
 
+def test_import_on_a_machine_without_gpu_skips_inductor():
+    """Where the Triton ops cannot run (no GPU, no interpreter) they are not defined:
+    torch.library.triton_op would import Inductor, about 0.9 s of every CLI command."""
+    if CUDA:
+        pytest.skip("with a GPU the Triton ops are defined at import, Inductor with them")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [helpers.REPO, env.get("PYTHONPATH")]))
+    code = ("import sys, glcic_fast\n"
+            "from glcic_fast import ops\n"
+            "print('triton' in ops.available_backends('conv2d_bias_act'), 'torch._inductor' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=helpers.REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    triton_backend, inductor_loaded = res.stdout.split()
+    assert inductor_loaded == "False", "import glcic_fast loaded torch._inductor"
+    assert triton_backend == str(tk is not None), "the triton backend is still registered (its check says why not)"
+
+
 @needs_triton
 def test_triton_fake_kernels_give_channels_last_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
