@@ -9,7 +9,8 @@ On a GPU: 512^2, 1024^2, 2048^2 (4096^2 where memory allows), batch 1 and 8, for
     conv12, the only ones it covers), the dispatcher's choice for the others.
 On the CPU: 512^2 and 1024^2, batch 1, fp32: the reference vs glcic_fast with the
 dispatcher's choice ("auto": the Winograd kernel, backend "cpp", for the 3x3 stride-1
-layers it covers) and with "torch" (oneDNN) for every layer.
+layers it covers), with "torch" (oneDNN) for every layer, and torch.compile of glcic_fast's
+net (Inductor, with and without freezing).
 
 Every result's extra_info carries the device and versions, ms per megapixel, TFLOP/s and
 its fraction of the measured bf16 GEMM ceiling, and the max difference to the fp32
@@ -43,7 +44,8 @@ if CUDA:
                [f"glcic_fast-{b}-bf16" for b in ("auto", "torch", "triton", "cuda")]
 else:
     SHAPES = [(1, 512), (1, 1024)]
-    VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32", "glcic_fast-torch-fp32"]
+    VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32", "glcic_fast-torch-fp32", "glcic_fast-compiled-fp32",
+                "glcic_fast-compiled+freezing-fp32"]
 
 # GPU memory per input pixel that a shape needs, with margin: used only to skip shapes that
 # cannot fit on the GPU at hand. Every variant's shape also runs the eager fp32 reference
@@ -84,6 +86,9 @@ def _build(variant, state):
         return torch.compile(folded, mode="max-autotune", dynamic=False), \
             lambda x: x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     _, backend, dtype = variant.split("-")
+    if backend.startswith("compiled"):  # torch.compile of the net itself (one graph), by Inductor
+        net, prepare = _build(f"glcic_fast-auto-{dtype}", state)
+        return _compiled(net, freezing=backend.endswith("+freezing")), prepare
     # "cuda" names no backend on the net: the tuning table (see _prefer_cuda_conv) steers
     # the layers the CUDA conv covers to it, and the dispatcher picks for the others.
     net = CompletionNet(BN_AFTER_RELU, backend=None if backend in ("auto", "cuda") else backend).to(DEVICE)
@@ -91,6 +96,23 @@ def _build(variant, state):
     net.eval()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     return net, lambda x: x.to(dtype=dtype)
+
+
+def _compiled(net, freezing):
+    """torch.compile(net); with Inductor's freezing, which folds what depends on the weights
+    alone (the BatchNorm fold, the Winograd weight transforms) into constants at compile time
+    instead of computing it every call. Freezing is a compile-time setting: every call runs
+    under it, the first compiles."""
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, dynamic=False)
+    if not freezing:
+        return compiled
+    import torch._inductor.config as inductor_config
+
+    def run(x):
+        with inductor_config.patch(freezing=True):
+            return compiled(x)
+    return run
 
 
 def _skip_reason(variant, batch, size):
@@ -105,7 +127,7 @@ def _skip_reason(variant, batch, size):
         free, _ = torch.cuda.mem_get_info()
         if batch * size * size * _BYTES_PER_PIXEL > free:
             return f"{batch} x {size}^2 does not fit in the {free / 2**30:.0f} GiB free on this GPU"
-    if variant.startswith("glcic_fast-") and variant.split("-")[1] not in ("auto", "torch"):
+    if variant.startswith("glcic_fast-") and variant.split("-")[1] in ("triton", "cuda"):
         backend = variant.split("-")[1]
         channels = 256 if backend == "cuda" else 4  # the CUDA conv covers 256 -> 256 only
         x = torch.empty(1, channels, 8, 8, device=DEVICE, dtype=torch.bfloat16)

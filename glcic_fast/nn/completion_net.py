@@ -194,7 +194,7 @@ class CompletionNet(ReferenceCompletionNet):
         autograd records, the folding is recomputed inside the graph so that gradients reach
         the parameters."""
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if recording:
+        if recording or torch.compiler.is_compiling():  # traced: the fold becomes part of the graph
             return self._fold(dtype, device)
         # The children are the convs and BNs themselves: reading their tensors directly is
         # several times cheaper than parameters()/buffers(), and this runs every forward.

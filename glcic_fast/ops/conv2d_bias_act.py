@@ -163,8 +163,9 @@ def _position_independent_sigmoid_(y):
     on the rest, and the two can differ in the last bit: a pixel's value would then depend
     on the tensor's size and the thread count, and crops or tiles of an image would not
     reproduce the whole image bit for bit. An output with a stride of 2 sends every element
-    through the scalar loop. (CUDA computes each element alike: nothing to do there.)"""
-    if y.device.type != "cpu":
+    through the scalar loop. (CUDA computes each element alike, and under torch.compile
+    Inductor writes the loop itself: nothing to do there.)"""
+    if y.device.type != "cpu" or torch.compiler.is_compiling():
         return y.sigmoid_()
     n, c, h, w = y.shape
     scalar_out = torch.empty(2 * y.numel(), dtype=y.dtype)[::2].view(n, h, w, c).permute(0, 3, 1, 2)

@@ -149,6 +149,32 @@ def test_fold_cache_follows_parameter_changes():
         assert (net(x) - other(x)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["authors", "glcic-pytorch"])
+def test_torch_compile_takes_the_whole_net_as_one_graph(kind):
+    """torch.compile(net) in eval mode: one graph (no break, no recompilation per layer),
+    holding the dispatcher's custom ops, with the eager net's output."""
+    bn_after_relu, output_activation = KINDS[kind]
+    net, _ = pair(bn_after_relu, seed=14, output_activation=output_activation)
+    net.eval()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.rand(2, 4, 32, 48)
+    with torch.no_grad():
+        compiled = torch.compile(net, backend=recording_backend, fullgraph=True)(x)
+        eager = net(x)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    chosen = {chosen for chosen, _ in net.layer_backends(x).values()}
+    if "cpp" in chosen:
+        assert any("conv3x3_winograd_bias_act" in t for t in targets), targets
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
 def test_low_precision_input_runs_in_that_dtype():
     net, ref = pair(False, seed=10)
     net.eval(), ref.eval()

@@ -369,3 +369,21 @@ def test_multiply_count():
     # 2 tiles each per axis, the last ones partial.
     assert winograd.tile_count(13, 11, 2) == 16
     assert winograd.tile_count(8, 8, 16) == 64  # 8 x 8 one-pixel sub-grids
+
+
+@pytest.mark.parametrize("m", sorted(winograd.POINTS))
+def test_traced_weight_transform_depends_on_the_weight_alone(m):
+    """Under torch.compile the transform's only input is the weight (G enters as numbers),
+    so Inductor's freezing can fold it into a constant instead of running it every call."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    weight = torch.randn(32, 16, 3, 3)
+    traced = torch.compile(winograd.transform_weight, backend=recording_backend, fullgraph=True)(weight, m)
+    inputs = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
+    assert len(inputs) == 1, f"the traced transform takes {[n.name for n in inputs]}, not just the weight"
+    torch.testing.assert_close(traced, winograd.transform_weight(weight, m), rtol=0, atol=0)
