@@ -170,7 +170,9 @@ def read_image(path) -> torch.Tensor:
 
 
 def read_rgb(path) -> torch.Tensor:
-    """3 x H x W float32 RGB in [0, 1] (gray repeated, alpha dropped): what training reads."""
+    """3 x H x W float32 RGB in [0, 1] (gray repeated, alpha dropped): the photo
+    ``glcic-fast bench`` times. (Training decodes its data set itself, in
+    glcic_fast.training.data.read_image: 8-bit, EXIF orientation applied.)"""
     image = read_image(path)
     return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image[:3].contiguous()
 

@@ -52,7 +52,7 @@ def test_read_keeps_channels_and_depth(tmp_path, channels, dtype, scale, suffix)
     decoded, sample_type = decode_image(path)
     assert sample_type == np.dtype(dtype).name
     assert torch.equal(decoded.float() / 255 if decoded.dtype == torch.uint8 else decoded, want)
-    rgb = read_rgb(path)  # what training reads: always RGB
+    rgb = read_rgb(path)  # always RGB
     assert rgb.shape == (3, 32, 40)
     assert torch.equal(rgb, want.expand(3, -1, -1) if channels == 1 else want[:3])
 

@@ -34,6 +34,7 @@ the weight is unchanged (weight_cache.py).
 """
 
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -278,23 +279,41 @@ def _define_triton_op(qualname, kernel, transposed):
         return _empty_output(x, weight, stride, padding, dilation, transposed)
 
 
+_triton_ops_defined = False
+_triton_ops_lock = threading.Lock()
+
+
+def _define_triton_ops():
+    """Defines the two Triton custom ops, once. At import only where they can run (a GPU,
+    or the interpreter): torch.library.triton_op imports Inductor to find the kernels a
+    function launches, about 0.9 s of `import glcic_fast` on a machine without a GPU, where
+    the dispatcher does not pick them (its check says why). Elsewhere at their first call
+    (tests/triton_aot.py runs them on meta tensors to record the launches)."""
+    global _triton_ops_defined
+    with _triton_ops_lock:
+        if not _triton_ops_defined:
+            _define_triton_op("glcic_fast::triton_conv2d_bias_act", _triton_conv2d_op, False)
+            _define_triton_op("glcic_fast::triton_conv_transpose2d_bias_act", _triton_conv_transpose2d_op, True)
+            _triton_ops_defined = True
+
+
 def _run_triton_conv2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    if not _triton_ops_defined:
+        _define_triton_ops()
     return torch.ops.glcic_fast.triton_conv2d_bias_act(
         x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
 
 
 def _run_triton_conv_transpose2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
+    if not _triton_ops_defined:
+        _define_triton_ops()
     return torch.ops.glcic_fast.triton_conv_transpose2d_bias_act(
         x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
 
 
 if _triton is not None:
-    # Defined only where they can run: torch.library.triton_op imports Inductor to find the
-    # kernels a function launches, about 0.9 s of `import glcic_fast` on a machine with no
-    # GPU, where the dispatcher never picks them (its check says why).
     if _triton.INTERPRET or torch.cuda.is_available():
-        _define_triton_op("glcic_fast::triton_conv2d_bias_act", _triton_conv2d_op, False)
-        _define_triton_op("glcic_fast::triton_conv_transpose2d_bias_act", _triton_conv_transpose2d_op, True)
+        _define_triton_ops()
     dispatch.register("conv2d_bias_act", "triton", _run_triton_conv2d, functools.partial(_triton_why_not, False))
     dispatch.register("conv_transpose2d_bias_act", "triton", _run_triton_conv_transpose2d,
                       functools.partial(_triton_why_not, True))
