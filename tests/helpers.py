@@ -86,3 +86,21 @@ def epilogue64(y, activation, scale, shift):
 def fused_conv_reference(transposed, x, w, b, stride, padding, dilation, activation, scale, shift):
     """glcic_fast.ops' fused conv formula in float64."""
     return epilogue64(conv64(transposed, x, w, b, stride, padding, dilation), activation, scale, shift)
+
+
+def compile_and_record(fn, *args):
+    """``torch.compile(fn, fullgraph=True)(*args)`` through a backend that runs the graphs
+    Dynamo hands it as they are and keeps them: (output, graphs)."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=recording_backend, fullgraph=True)(*args), graphs
+
+
+def call_targets(graph):
+    """The functions an FX graph calls, as strings ("glcic_fast.conv3x3_bias_act.default")."""
+    return [str(n.target) for n in graph.nodes if n.op == "call_function"]

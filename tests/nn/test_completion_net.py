@@ -9,7 +9,7 @@ from glcic_fast import CompletionNet
 from glcic_fast.nn.completion_net import SIGNED_BGR_ZERO_HOLE
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
-from helpers import random_image_and_mask, randomize
+from helpers import call_targets, compile_and_record, random_image_and_mask, randomize
 
 ORDERS = [False, True]
 #: (bn_after_relu, output activation) of the nets users hold: GLCIC-PyTorch's, the authors',
@@ -156,19 +156,12 @@ def test_torch_compile_takes_the_whole_net_as_one_graph(kind):
     bn_after_relu, output_activation = KINDS[kind]
     net, _ = pair(bn_after_relu, seed=14, output_activation=output_activation)
     net.eval()
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     x = torch.rand(2, 4, 32, 48)
     with torch.no_grad():
-        compiled = torch.compile(net, backend=recording_backend, fullgraph=True)(x)
+        compiled, graphs = compile_and_record(net, x)
         eager = net(x)
     assert len(graphs) == 1
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    targets = call_targets(graphs[0].graph)
     chosen = {chosen for chosen, _ in net.layer_backends(x).values()}
     if "cpp" in chosen:
         assert any("conv3x3_winograd_bias_act" in t for t in targets), targets

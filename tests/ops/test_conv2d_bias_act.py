@@ -39,7 +39,7 @@ from glcic_fast.ops import dispatch
 from glcic_fast.ops.weight_cache import PackedWeightCache
 
 import helpers
-from helpers import WINOGRAD_REL_TOL, conv64, epilogue64, fused_conv_reference
+from helpers import WINOGRAD_REL_TOL, call_targets, compile_and_record, conv64, epilogue64, fused_conv_reference
 
 # The module, not the function that glcic_fast.ops exports under the same name.
 conv = importlib.import_module("glcic_fast.ops.conv2d_bias_act")
@@ -813,26 +813,19 @@ class _TwoLayers(torch.nn.Module):
 
 def _op_targets(graph):
     """The functions a graph calls, overload names dropped (Dynamo records the packet)."""
-    return [str(n.target).removesuffix(".default") for n in graph.nodes if n.op == "call_function"]
+    return [t.removesuffix(".default") for t in call_targets(graph)]
 
 
 @needs_triton
 def test_torch_compile_keeps_the_triton_ops():
     """torch.compile (Dynamo, full graph) of a model calling the public ops through the
     dispatcher: the graph holds the two custom ops and nothing else."""
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     model = _TwoLayers().to(DEVICE)
     x = torch.randn(2, 4, 7, 9, device=DEVICE)
     with torch.no_grad():
         eager = model(x)
         try:
-            out = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+            out, graphs = compile_and_record(model, x)
         except RuntimeError as exc:  # pragma: no cover - e.g. Python unsupported by Dynamo
             if "not supported" in str(exc):
                 pytest.skip(f"torch.compile cannot run here: {exc}")
@@ -875,17 +868,10 @@ def test_torch_compile_keeps_the_cuda_op(monkeypatch):
     # The automatic choice takes the CUDA conv only where the tuning table names it.
     monkeypatch.setattr(dispatch, "_TUNING", {"conv2d_bias_act": {"conv:256:256:k3:s1:d2:bfloat16": "cuda"}})
     x, w, b, _, _ = _make((False, C, C, 3), torch.bfloat16, n=1, size=(12, 10), affine=False)
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     fn = lambda x: ops.conv2d_bias_act(x, w, b, padding=2, dilation=2, activation="relu")
-    torch._dynamo.reset()
     with torch.no_grad():
         eager = fn(x)
-        out = torch.compile(fn, backend=recording_backend, fullgraph=True)(x)
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        out, graphs = compile_and_record(fn, x)
+    targets = [t for g in graphs for t in call_targets(g.graph)]
     assert any("glcic_fast.conv3x3_bias_act" in t for t in targets), targets
     torch.testing.assert_close(out, eager)
