@@ -88,9 +88,9 @@ def fused_conv_reference(transposed, x, w, b, stride, padding, dilation, activat
     return epilogue64(conv64(transposed, x, w, b, stride, padding, dilation), activation, scale, shift)
 
 
-def compile_and_record(fn, *args):
-    """``torch.compile(fn, fullgraph=True)(*args)`` through a backend that runs the graphs
-    Dynamo hands it as they are and keeps them: (output, graphs)."""
+def compile_recording_graphs(fn):
+    """(``torch.compile(fn, fullgraph=True)``, the list of graphs it compiles) through a
+    backend that runs each graph Dynamo hands it as it is and appends it to the list."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -98,7 +98,7 @@ def compile_and_record(fn, *args):
         return gm.forward
 
     torch._dynamo.reset()
-    return torch.compile(fn, backend=recording_backend, fullgraph=True)(*args), graphs
+    return torch.compile(fn, backend=recording_backend, fullgraph=True), graphs
 
 
 def call_targets(graph):

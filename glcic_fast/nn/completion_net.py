@@ -189,8 +189,9 @@ class CompletionNet(ReferenceCompletionNet):
         Cached until a parameter or buffer changes (an optimiser step, load_state_dict,
         .to()): the key holds every tensor's storage pointer and in-place version counter.
         Inference tensors (a net built or loaded under inference_mode) have no version
-        counter: they are compared with a copy taken when they were folded, which costs a
-        read of the weights per call instead of a fold and a repacking per call. While
+        counter: they are compared bit for bit with a copy taken when they were folded,
+        which costs a read of the weights (and one device sync) per call instead of a fold
+        and a repacking per call. While
         autograd records, the folding is recomputed inside the graph so that gradients reach
         the parameters."""
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
@@ -200,10 +201,9 @@ class CompletionNet(ReferenceCompletionNet):
         # several times cheaper than parameters()/buffers(), and this runs every forward.
         tensors = [t for m in self._modules.values() for d in (m._parameters, m._buffers) for t in d.values()]
         key = (dtype, device, self.bn_after_relu, self.output_activation,
-               tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors))
+               tuple((t.data_ptr(), t.shape, None if t.is_inference() else t._version) for t in tensors))
         cached = self._fused_cache
-        if cached is not None and cached[0] == key and all(
-                torch.equal(t, copy) for t, copy in zip(tensors, cached[2]) if copy is not None):
+        if cached is not None and cached[0] == key and _same_bits(tensors, cached[2]):
             return cached[1]
         # Normal (not inference) tensors even when called under inference_mode, so that
         # backends can key their own caches on the folded weights' version counters.
@@ -311,6 +311,16 @@ class CompletionNet(ReferenceCompletionNet):
         if self.input_convention == SIGNED_BGR_ZERO_HOLE:
             return (y * MMAGIC_STD + MMAGIC_MEAN).flip(1)
         return y
+
+
+def _same_bits(tensors: List[torch.Tensor], copies: List[Optional[torch.Tensor]]) -> bool:
+    """Whether every tensor holds its copy's bits exactly (a NaN equals itself, -0.0 differs
+    from 0.0), where a copy was kept; one device sync for all of them."""
+    def bits(t):  # the same bytes as integers, so that comparing them compares bits
+        return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+    differs = [torch.ne(bits(t), bits(copy)).any() for t, copy in zip(tensors, copies) if copy is not None]
+    return not differs or not bool(torch.stack(differs).any())
 
 
 def _run_fused_layer(layer: FusedLayer, h: torch.Tensor, backend: Optional[str]) -> torch.Tensor:

@@ -18,7 +18,8 @@ and returns y in channels_last memory format. The backends:
 * "triton", where Triton loads: the implicit-GEMM kernel of kernels/conv2d_bias_act.py
   (glcic_fast.kernels) for every layer of the completion net, as the torch custom ops
   ``glcic_fast::triton_conv2d_bias_act`` and ``glcic_fast::triton_conv_transpose2d_bias_act``
-  (torch.compile and torch.export keep them as single fused ops).
+  (torch.compile and torch.export keep them as single fused ops), defined at import where
+  they can run (a GPU, or Triton's interpreter) and else at their first call.
 * "cpp", where glcic_fast._C loads: ``glcic_fast::conv3x3_winograd_bias_act``, the CPU
   kernel of the 3x3, stride 1, padding == dilation float32 convs (channels multiples of 16)
   by Winograd minimal filtering F(4 x 4, 3 x 3) (winograd.py, csrc/ops/cpu/conv2d_bias_act*),
@@ -164,8 +165,10 @@ def _position_independent_sigmoid_(y):
     on the rest, and the two can differ in the last bit: a pixel's value would then depend
     on the tensor's size and the thread count, and crops or tiles of an image would not
     reproduce the whole image bit for bit. An output with a stride of 2 sends every element
-    through the scalar loop. (CUDA computes each element alike, and under torch.compile
-    Inductor writes the loop itself: nothing to do there.)"""
+    through the scalar loop. (CUDA computes each element alike: nothing to do there. While
+    torch.compile or torch.export trace the op, the out= call cannot be traced and plain
+    ``sigmoid_`` is recorded: Inductor's code is position-independent by itself, an
+    exported program run by eager PyTorch is not, in the last bit.)"""
     if y.device.type != "cpu" or torch.compiler.is_compiling():
         return y.sigmoid_()
     n, c, h, w = y.shape
@@ -279,34 +282,35 @@ def _define_triton_op(qualname, kernel, transposed):
         return _empty_output(x, weight, stride, padding, dilation, transposed)
 
 
-_triton_ops_defined = False
+_TRITON_OPS = (("glcic_fast::triton_conv2d_bias_act", _triton_conv2d_op, False),
+               ("glcic_fast::triton_conv_transpose2d_bias_act", _triton_conv_transpose2d_op, True))
+_triton_ops_defined = set()
 _triton_ops_lock = threading.Lock()
 
 
 def _define_triton_ops():
-    """Defines the two Triton custom ops, once. At import only where they can run (a GPU,
-    or the interpreter): torch.library.triton_op imports Inductor to find the kernels a
-    function launches, about 0.9 s of `import glcic_fast` on a machine without a GPU, where
+    """Defines the Triton custom ops not defined yet. At import only where they can run (a
+    GPU, or the interpreter): torch.library.triton_op imports Inductor to find the kernels a
+    function launches, about 1 s of `import glcic_fast` on a machine without a GPU, where
     the dispatcher does not pick them (its check says why). Elsewhere at their first call
     (tests/triton_aot.py runs them on meta tensors to record the launches)."""
-    global _triton_ops_defined
+    if len(_triton_ops_defined) == len(_TRITON_OPS):  # a global read Dynamo can trace
+        return
     with _triton_ops_lock:
-        if not _triton_ops_defined:
-            _define_triton_op("glcic_fast::triton_conv2d_bias_act", _triton_conv2d_op, False)
-            _define_triton_op("glcic_fast::triton_conv_transpose2d_bias_act", _triton_conv_transpose2d_op, True)
-            _triton_ops_defined = True
+        for qualname, kernel, transposed in _TRITON_OPS:
+            if qualname not in _triton_ops_defined:
+                _define_triton_op(qualname, kernel, transposed)
+                _triton_ops_defined.add(qualname)
 
 
 def _run_triton_conv2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
-    if not _triton_ops_defined:
-        _define_triton_ops()
+    _define_triton_ops()
     return torch.ops.glcic_fast.triton_conv2d_bias_act(
         x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
 
 
 def _run_triton_conv_transpose2d(x, weight, bias, stride, padding, dilation, activation, post_scale, post_shift):
-    if not _triton_ops_defined:
-        _define_triton_ops()
+    _define_triton_ops()
     return torch.ops.glcic_fast.triton_conv_transpose2d_bias_act(
         x, weight, bias, post_scale, post_shift, stride, padding, dilation, activation)
 

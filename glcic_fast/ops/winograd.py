@@ -80,18 +80,17 @@ def kernel_matrices(m: int):
 
 def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
     """(Cout, Cin, 3, 3) -> G w G^T in the kernel's layout (alpha^2, Cout / PANEL, Cin, PANEL),
-    computed in float64 and rounded once to float32.
-
-    G's entries enter as Python numbers, not as a tensor: traced by torch.compile, the
-    transform then depends on the weight alone, and Inductor's freezing folds it into a
-    constant (a tensor G would be a graph input, and the transform would run every call)."""
-    cout, cin = weight.shape[:2]
+    computed in float64 and rounded once to float32."""
     _check(m)
-    g = _G_ENTRIES[m]
-    w = weight.double()
-    rows = [sum(c * w[:, :, k, :] for k, c in enumerate(g_row)) for g_row in g]          # G w: alpha x (Cout, Cin, 3)
-    u = torch.stack([sum(c * row[..., k] for k, c in enumerate(g_row)) for row in rows for g_row in g])
-    return u.reshape(len(g) ** 2, cout // PANEL, PANEL, cin).permute(0, 1, 3, 2).to(torch.float32).contiguous()
+    cout, cin = weight.shape[:2]
+    # G made here from numbers, not taken from _MATRICES: traced by torch.compile, a tensor
+    # made inside the function is a constant of the graph and a module-level one an input,
+    # so the transform depends on the weight alone and Inductor's freezing folds it.
+    g = torch.tensor(_G_ENTRIES[m], dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.double(), g)     # alpha, alpha, Cin, Cout
+    alpha = m + 2
+    u = u.reshape(alpha * alpha, cin, cout // PANEL, PANEL).permute(0, 2, 1, 3)
+    return u.to(torch.float32).contiguous()
 
 
 def tile_count(height: int, width: int, dilation: int, m: int = TILE) -> int:

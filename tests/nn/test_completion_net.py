@@ -9,7 +9,7 @@ from glcic_fast import CompletionNet
 from glcic_fast.nn.completion_net import SIGNED_BGR_ZERO_HOLE
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
-from helpers import call_targets, compile_and_record, random_image_and_mask, randomize
+from helpers import call_targets, compile_recording_graphs, random_image_and_mask, randomize
 
 ORDERS = [False, True]
 #: (bn_after_relu, output activation) of the nets users hold: GLCIC-PyTorch's, the authors',
@@ -151,21 +151,26 @@ def test_fold_cache_follows_parameter_changes():
 
 @pytest.mark.parametrize("kind", ["authors", "glcic-pytorch"])
 def test_torch_compile_takes_the_whole_net_as_one_graph(kind):
-    """torch.compile(net) in eval mode: one graph (no break, no recompilation per layer),
-    holding the dispatcher's custom ops, with the eager net's output."""
+    """torch.compile(net) in eval mode: one graph (no break, no recompilation per layer or
+    per call), holding the dispatcher's custom ops, with the eager net's output, also after
+    a weight changes in place."""
     bn_after_relu, output_activation = KINDS[kind]
     net, _ = pair(bn_after_relu, seed=14, output_activation=output_activation)
     net.eval()
     x = torch.rand(2, 4, 32, 48)
+    compiled_net, graphs = compile_recording_graphs(net)
     with torch.no_grad():
-        compiled, graphs = compile_and_record(net, x)
-        eager = net(x)
+        torch.testing.assert_close(compiled_net(x), net(x), rtol=0, atol=1e-5)
+        net.conv6.weight.mul_(-1)
+        net.bn6.running_var.mul_(3)
+        torch.testing.assert_close(compiled_net(x), net(x), rtol=0, atol=1e-5)
     assert len(graphs) == 1
     targets = call_targets(graphs[0].graph)
-    chosen = {chosen for chosen, _ in net.layer_backends(x).values()}
-    if "cpp" in chosen:
-        assert any("conv3x3_winograd_bias_act" in t for t in targets), targets
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    # Dynamo's graph names the functions called: torch's conv2d and conv_transpose2d (the
+    # "torch" backend), the custom op for the others.
+    expected_calls = {"cpp": "glcic_fast.conv3x3_winograd_bias_act", "torch": "method conv"}
+    for chosen in {chosen for chosen, _ in net.layer_backends(x).values()}:
+        assert any(expected_calls[chosen] in t for t in targets), (chosen, targets)
 
 
 def test_low_precision_input_runs_in_that_dtype():
@@ -216,3 +221,12 @@ def test_net_built_under_inference_mode():
         other = randomize(ReferenceCompletionNet(False), seed=13).eval()
         net.load_state_dict(other.state_dict())  # copies into the same storage
         assert (net(x) - other(x)).abs().max() <= 1e-4
+
+        # Compared bit for bit: a NaN is unchanged when it stays, 0.0 -> -0.0 is a change.
+        net.bn1.running_mean[0] = float("nan")
+        folded = net.fused_layers(x.dtype, x.device)
+        assert net.fused_layers(x.dtype, x.device) is folded
+        net.conv1.bias[0] = 0.0
+        folded = net.fused_layers(x.dtype, x.device)
+        net.conv1.bias[0] = -0.0
+        assert net.fused_layers(x.dtype, x.device) is not folded

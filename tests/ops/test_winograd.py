@@ -27,7 +27,7 @@ import glcic_fast
 from glcic_fast import ops
 from glcic_fast.ops import winograd
 
-from helpers import WINOGRAD_REL_TOL, call_targets, compile_and_record, fused_conv_reference, randomize
+from helpers import WINOGRAD_REL_TOL, call_targets, compile_recording_graphs, fused_conv_reference, randomize
 from photos import photo, rect_mask
 
 conv = importlib.import_module("glcic_fast.ops.conv2d_bias_act")
@@ -338,11 +338,12 @@ def test_torch_compile_and_export_keep_the_op():
     x = torch.randn(2, 16, 11, 13)
     with torch.no_grad():
         eager = model(x)
-        compiled, graphs = compile_and_record(model, x)
+        compiled_model, graphs = compile_recording_graphs(model)
+        out = compiled_model(x)
         exported = torch.export.export(model, (x,))
     assert any("conv3x3_winograd_bias_act" in t for g in graphs for t in call_targets(g.graph))
     assert any("conv3x3_winograd_bias_act" in t for t in call_targets(exported.graph_module.graph))
-    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(out, eager)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), eager)
 
@@ -365,7 +366,8 @@ def test_traced_weight_transform_depends_on_the_weight_alone(m):
     """Under torch.compile the transform's only input is the weight (G enters as numbers),
     so Inductor's freezing can fold it into a constant instead of running it every call."""
     weight = torch.randn(32, 16, 3, 3)
-    traced, graphs = compile_and_record(winograd.transform_weight, weight, m)
+    compiled_transform, graphs = compile_recording_graphs(winograd.transform_weight)
+    out = compiled_transform(weight, m)
     inputs = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]
     assert len(inputs) == 1, f"the traced transform takes {[n.name for n in inputs]}, not just the weight"
-    torch.testing.assert_close(traced, winograd.transform_weight(weight, m), rtol=0, atol=0)
+    torch.testing.assert_close(out, winograd.transform_weight(weight, m), rtol=0, atol=0)
