@@ -30,7 +30,7 @@ from glcic_fast.serving.config import ServiceConfig
 from glcic_fast.serving.server import serving as running
 
 from helpers import REPO
-from photos import photo
+from photos import photo, save_jpeg_with_orientation
 from serving_helpers import GatedRunner
 
 TIMEOUT = 300
@@ -241,6 +241,66 @@ def test_paint_remove_compare_download(net, browser, photo_file, tmp_path):
     want = glcic_fast.complete(str(photo_file), str(sent_mask), weights=net, postprocess=True)
     # As the HTTP tests: rounding to the PNG's 8 bits, which the blend may tip by a level.
     assert (read_image(answer) - want).abs().max().item() <= 1.5 / 255 + 1e-5
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    """H x W x 3 RGB uint8 of an image file's bytes, as stored (no EXIF orientation)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return bgr[:, :, ::-1].astype(np.int16)
+
+
+def _phone_photo(tmp_path, orientation):
+    """A real photo stored 1200 x 900 as a JPEG whose EXIF orientation says how to show it;
+    (its path, its pixels as stored as OpenCV decodes them)."""
+    pytest.importorskip("PIL.Image")
+    path = tmp_path / f"phone-{orientation}.jpg"
+    stored = (photo("astronaut", HEIGHT, WIDTH).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    save_jpeg_with_orientation(path, stored, orientation)
+    return path, _decoded(path.read_bytes())
+
+
+def _drawn_photo(driver) -> np.ndarray:
+    return _decoded(base64.b64decode(driver.execute_script(
+        "return document.getElementById('photo').toDataURL('image/png').split(',')[1]")))
+
+
+def _same_photo(a, b) -> bool:
+    """Chromium's and OpenCV's JPEG decoders may round differently; turned or flipped, a
+    photo differs everywhere."""
+    return a.shape == b.shape and np.abs(a - b).mean() < 1.0
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_is_drawn_as_its_pixels_are_stored_whatever_its_exif_orientation(net, browser, tmp_path,
+                                                                                 orientation):
+    """Browsers show a JPEG turned or mirrored as its EXIF orientation (2 to 8) says; the
+    service completes the pixels as stored. The page draws them as stored (and says why)."""
+    path, file_pixels = _phone_photo(tmp_path, orientation)
+    with running(create_app(net, ServiceConfig()), ready=False) as url:
+        _open(browser, url, path)  # waits for the stored size, 1200 x 900, in the status line
+        assert ("EXIF orientation" in _by_id(browser, "status").text) == (orientation > 1)
+        assert _same_photo(_drawn_photo(browser), file_pixels)
+
+
+@pytest.mark.parametrize("orientation", [3, 6], ids=["turned-180", "turned-90"])
+def test_a_phone_photo_is_painted_and_completed_as_stored(net, browser, tmp_path, orientation):
+    """Painted on a photo with an EXIF orientation, a stroke removes what was under the
+    brush on screen, not something elsewhere in the file; "before" in the comparison is as
+    stored, like the result."""
+    path, file_pixels = _phone_photo(tmp_path, orientation)
+    with running(create_app(net, ServiceConfig())) as url:
+        _open(browser, url, path)
+        ends, brush, scale = _stroke(browser, (0.2, 0.3), (0.4, 0.35))  # off-centre: a turn would move it
+        _remove_and_wait(browser)
+        hole = cv2.imdecode(np.frombuffer(_bytes_at(browser, browser.execute_script("return window.sentMasks[0]")),
+                                          np.uint8), cv2.IMREAD_GRAYSCALE)
+        before = _decoded(_bytes_at(browser, _by_id(browser, "before").get_attribute("src")))
+        result = _decoded(_bytes_at(browser, _by_id(browser, "download").get_attribute("href")))
+    distance = _distance_to_segment(HEIGHT, WIDTH, *ends)
+    assert hole.shape == (HEIGHT, WIDTH) and (hole[distance < brush / 2 - 2 * scale] == 255).all()
+    assert _same_photo(before, file_pixels)
+    assert np.array_equal(result[hole == 0], file_pixels[hole == 0])
+    assert not np.array_equal(result[distance < brush / 4], file_pixels[distance < brush / 4])
 
 
 def test_a_photo_over_the_limit_shows_the_services_413_message(net, browser, photo_file):

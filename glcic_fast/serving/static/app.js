@@ -92,37 +92,98 @@ function showError(text) {
 
 // -- opening a photo ---------------------------------------------------------------
 
+// The service completes a file's pixels as stored, as glcic-fast complete does: a JPEG's
+// EXIF orientation (a phone photo's "turn me") is applied to neither the image nor its
+// mask. So the photo is drawn as stored too, and the mask painted on it lands on the
+// pixels the user saw under the brush; drawn turned, a stroke would land elsewhere in the
+// file. Browsers apply the orientation when they decode (Chromium also for
+// createImageBitmap's imageOrientation "none"), so the page reads the tag and turns the
+// decoded photo back.
+
+// The EXIF orientation of a JPEG, 1 to 8 (1: none, or not a JPEG).
+async function exifOrientation(file) {
+  const view = new DataView(await file.slice(0, 256 * 1024).arrayBuffer());
+  if (view.byteLength < 4 || view.getUint16(0) !== 0xFFD8) return 1;
+  for (let at = 2; at + 4 <= view.byteLength; at += 2 + view.getUint16(at + 2)) {
+    const marker = view.getUint16(at);
+    if ((marker & 0xFF00) !== 0xFF00 || marker === 0xFFDA) return 1;  // the image data: no EXIF before it
+    if (marker === 0xFFE1 && at + 10 <= view.byteLength && view.getUint32(at + 4) === 0x45786966) {  // "Exif"
+      return tiffOrientation(view, at + 10, Math.min(view.byteLength, at + 2 + view.getUint16(at + 2)));
+    }
+  }
+  return 1;
+}
+
+function tiffOrientation(view, tiff, end) {
+  if (tiff + 8 > end) return 1;
+  const little = view.getUint16(tiff) === 0x4949;  // "II"; "MM" is big-endian
+  const ifd = tiff + view.getUint32(tiff + 4, little);
+  if (ifd + 2 > end) return 1;
+  for (let i = 0, count = view.getUint16(ifd, little); i < count; i++) {
+    const entry = ifd + 2 + 12 * i;
+    if (entry + 12 > end) return 1;
+    if (view.getUint16(entry, little) === 0x0112) {
+      const value = view.getUint16(entry + 8, little);
+      return value >= 1 && value <= 8 ? value : 1;
+    }
+  }
+  return 1;
+}
+
+// Per EXIF orientation, the canvas transform [a, b, c, d, e, f] that takes the photo as
+// shown back to its pixels as stored (w x h): the inverse of the tag's flip or turn.
+const SHOWN_TO_STORED = {
+  1: () => [1, 0, 0, 1, 0, 0],
+  2: (w) => [-1, 0, 0, 1, w, 0],          // mirrored
+  3: (w, h) => [-1, 0, 0, -1, w, h],      // turned 180 degrees
+  4: (w, h) => [1, 0, 0, -1, 0, h],       // flipped
+  5: () => [0, 1, 1, 0, 0, 0],            // transposed
+  6: (w, h) => [0, -1, 1, 0, 0, h],       // turned 90 degrees clockwise
+  7: (w, h) => [0, -1, -1, 0, w, h],      // transversed
+  8: (w) => [0, 1, -1, 0, w, 0],          // turned 90 degrees counter-clockwise
+};
+
 async function openPhoto(file) {
   if (!file || busy) return;
   showError("");
-  const url = URL.createObjectURL(file);
-  const image = new Image();
-  image.src = url;
+  let shown, orientation;
   try {
-    await image.decode();
+    [shown, orientation] = await Promise.all([createImageBitmap(file), exifOrientation(file)]);
   } catch {
-    URL.revokeObjectURL(url);
     showError(`This browser cannot show ${file.name}, so it cannot be painted on here ` +
               "(the service reads more formats than browsers do: use glcic-fast complete for those).");
     return;
   }
-  if (photoURL) URL.revokeObjectURL(photoURL);
-  photoURL = url;
+  const turned = orientation > 1;
+  const sideways = orientation >= 5;
   photoFile = file;
   for (const canvas of [photoCanvas, maskCanvas]) {
-    canvas.width = image.naturalWidth;
-    canvas.height = image.naturalHeight;
+    canvas.width = sideways ? shown.height : shown.width;
+    canvas.height = sideways ? shown.width : shown.height;
   }
-  photoCanvas.getContext("2d").drawImage(image, 0, 0);
+  const g = photoCanvas.getContext("2d");
+  g.imageSmoothingEnabled = false;  // whole-pixel moves only: the file's pixels, unresampled
+  g.setTransform(...SHOWN_TO_STORED[orientation](photoCanvas.width, photoCanvas.height));
+  g.drawImage(shown, 0, 0);
+  g.setTransform(1, 0, 0, 1, 0, 0);
+  shown.close();
   ops = [];
   current = null;
-  keyboardBrush.x = image.naturalWidth / 2;
-  keyboardBrush.y = image.naturalHeight / 2;
+  keyboardBrush.x = photoCanvas.width / 2;
+  keyboardBrush.y = photoCanvas.height / 2;
   stage.classList.remove("empty");
   $("result-section").hidden = true;
+  // "Before" in the comparison must match the result, which is as stored: the file itself,
+  // or, where the browser would show it turned, the photo as drawn here.
+  const url = turned ? URL.createObjectURL(await new Promise((done) => photoCanvas.toBlob(done, "image/png")))
+                     : URL.createObjectURL(file);
+  if (photoURL) URL.revokeObjectURL(photoURL);
+  photoURL = url;
   $("before").src = url;
   redraw();
-  say(`${file.name}: ${image.naturalWidth} × ${image.naturalHeight}. Paint over what should be removed.`);
+  const note = turned ? " Its EXIF orientation says to show it turned: it is shown, and completed, as its " +
+                        "pixels are stored, as the service reads it." : "";
+  say(`${file.name}: ${photoCanvas.width} × ${photoCanvas.height}. Paint over what should be removed.${note}`);
 }
 
 $("file").addEventListener("change", (e) => openPhoto(e.target.files[0]));
