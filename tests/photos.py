@@ -28,13 +28,16 @@ def rect_mask(height: int, width: int, *rects) -> torch.Tensor:
     return mask
 
 
-def save_jpeg_with_orientation(path, pixels: np.ndarray, orientation: int):
+def save_jpeg_with_orientation(path, pixels: np.ndarray, orientation: int, big_endian: bool = False):
     """Writes H x W (gray) or H x W x 3 (RGB) uint8 ``pixels`` as they are stored, as a JPEG
     (quality 100) whose EXIF orientation tag says how viewers should show them: 3 turned 180
-    degrees, 6 turned 90 degrees clockwise, 8 counter-clockwise (a phone's photos). Needs Pillow."""
+    degrees, 6 turned 90 degrees clockwise, 8 counter-clockwise (a phone's photos). The EXIF
+    block is little-endian as Pillow writes it, or big-endian ("MM") as iPhones do. Needs
+    Pillow."""
     from PIL import Image
 
     image = Image.fromarray(pixels)
     exif = image.getexif()
+    exif.endian = ">" if big_endian else "<"
     exif[0x0112] = orientation
     image.save(str(path), exif=exif, quality=100)

@@ -249,13 +249,13 @@ def _decoded(data: bytes) -> np.ndarray:
     return bgr[:, :, ::-1].astype(np.int16)
 
 
-def _phone_photo(tmp_path, orientation):
+def _phone_photo(tmp_path, orientation, big_endian=False):
     """A real photo stored 1200 x 900 as a JPEG whose EXIF orientation says how to show it;
     (its path, its pixels as stored as OpenCV decodes them)."""
     pytest.importorskip("PIL.Image")
     path = tmp_path / f"phone-{orientation}.jpg"
     stored = (photo("astronaut", HEIGHT, WIDTH).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    save_jpeg_with_orientation(path, stored, orientation)
+    save_jpeg_with_orientation(path, stored, orientation, big_endian)
     return path, _decoded(path.read_bytes())
 
 
@@ -270,12 +270,14 @@ def _same_photo(a, b) -> bool:
     return a.shape == b.shape and np.abs(a - b).mean() < 1.0
 
 
-@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("orientation, big_endian", [(o, False) for o in range(1, 9)] + [(3, True), (6, True)],
+                         ids=[f"{o}" for o in range(1, 9)] + ["3-big-endian", "6-big-endian"])
 def test_a_photo_is_drawn_as_its_pixels_are_stored_whatever_its_exif_orientation(net, browser, tmp_path,
-                                                                                 orientation):
+                                                                                 orientation, big_endian):
     """Browsers show a JPEG turned or mirrored as its EXIF orientation (2 to 8) says; the
-    service completes the pixels as stored. The page draws them as stored (and says why)."""
-    path, file_pixels = _phone_photo(tmp_path, orientation)
+    service completes the pixels as stored. The page draws them as stored (and says why),
+    whichever byte order the EXIF block has."""
+    path, file_pixels = _phone_photo(tmp_path, orientation, big_endian)
     with running(create_app(net, ServiceConfig()), ready=False) as url:
         _open(browser, url, path)  # waits for the stored size, 1200 x 900, in the status line
         assert ("EXIF orientation" in _by_id(browser, "status").text) == (orientation > 1)
