@@ -14,9 +14,8 @@ import torch
 
 from glcic_fast import ops
 from glcic_fast.nn.architecture import COMPLETION_LAYERS, layer_macs
-from glcic_fast.ops import winograd
 
-from measure import layer_sides, provenance
+from measure import layer_macs_performed, layer_sides, provenance
 
 IMAGE = 1024
 
@@ -41,9 +40,7 @@ def test_conv_layer_cpu(benchmark, request, spec, backend):
     benchmark.group = f"conv-layers-cpu-{size}"
     with torch.inference_mode():
         benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    direct = layer_macs(spec, out, out)
-    performed = (winograd.multiplies(out, out, spec.in_channels, spec.out_channels, spec.dilation)
-                 if backend == "cpp" else direct)
+    direct, performed = layer_macs(spec, out, out), layer_macs_performed(spec, out, out, backend)
     info = {**provenance(), "layer": spec.name, "backend": backend, "size": size}
     if benchmark.stats is not None:  # None under --benchmark-disable
         seconds = benchmark.stats.stats.median

@@ -104,8 +104,8 @@ class _Setup:
                 t.permute(1, 2, 0).numpy(), (size, size), interpolation=interpolation)).reshape(size, size, -1)
             image = resize(self.image, cv2.INTER_AREA).permute(2, 0, 1)
             hole = resize(self.hole, cv2.INTER_NEAREST).permute(2, 0, 1)
-            images = torch.stack([image, image.flip(-1)][:batch] * (batch // 2 + 1))[:batch]
-            holes = torch.stack([hole, hole.flip(-1)][:batch] * (batch // 2 + 1))[:batch]
+            images = torch.stack([image.flip(-1) if i % 2 else image for i in range(batch)])
+            holes = torch.stack([hole.flip(-1) if i % 2 else hole for i in range(batch)])
             x = self.net.prepare_input(images, holes)
             with torch.inference_mode():
                 self.inputs[shape] = x, self._reference("cpu")(x).numpy()

@@ -38,22 +38,26 @@ def synchronized(fn):
     return run
 
 
+def layer_macs_performed(spec, out_height: int, out_width: int, backend: str) -> int:
+    """Multiply-accumulates ``backend`` performs for one layer per image: the Winograd kernel
+    ("cpp") its reduced count, the others direct convolution's."""
+    from glcic_fast.nn.architecture import layer_macs
+    from glcic_fast.ops import winograd
+
+    if backend == "cpp":
+        return winograd.multiplies(out_height, out_width, spec.in_channels, spec.out_channels, spec.dilation)
+    return layer_macs(spec, out_height, out_width)
+
+
 def macs_performed(net, x) -> int:
     """Multiply-accumulates ``net`` (a CompletionNet) performs on input ``x``, per its
-    dispatcher's choice of backend per layer: the Winograd layers ("cpp") at their reduced
-    count, the others as direct convolution."""
-    from glcic_fast.nn.architecture import layer_macs, layer_output_sizes
-    from glcic_fast.ops import winograd
+    dispatcher's choice of backend per layer."""
+    from glcic_fast.nn.architecture import layer_output_sizes
 
     chosen = net.layer_backends(x)
     batch, _, height, width = x.shape
-    total = 0
-    for spec, h, w in layer_output_sizes(height, width):
-        if chosen[spec.name][0] == "cpp":
-            total += winograd.multiplies(h, w, spec.in_channels, spec.out_channels, spec.dilation)
-        else:
-            total += layer_macs(spec, h, w)
-    return total * batch
+    return batch * sum(layer_macs_performed(spec, h, w, chosen[spec.name][0])
+                       for spec, h, w in layer_output_sizes(height, width))
 
 
 def layer_sides(size: int):

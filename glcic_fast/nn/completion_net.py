@@ -191,9 +191,9 @@ class CompletionNet(ReferenceCompletionNet):
         Inference tensors (a net built or loaded under inference_mode) have no version
         counter: they are compared bit for bit with a copy taken when they were folded,
         which costs a read of the weights (and one device sync) per call instead of a fold
-        and a repacking per call. While
-        autograd records, the folding is recomputed inside the graph so that gradients reach
-        the parameters."""
+        and a repacking per call. While autograd records, or torch.compile traces, the
+        folding is recomputed inside the graph: gradients reach the parameters, and the
+        compiled graph follows them."""
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if recording or torch.compiler.is_compiling():  # traced: the fold becomes part of the graph
             return self._fold(dtype, device)
