@@ -6,7 +6,8 @@ On a GPU: 512^2, 1024^2, 2048^2 (4096^2 where memory allows), batch 1 and 8, for
   - torch.compile(mode="max-autotune") of the reference with BN folded, bf16 channels_last,
   - glcic_fast in bf16 with the dispatcher's choice ("auto"), with "torch" and "triton" for
     every layer, and "cuda": glcic_fast._C's conv for the 3x3 256 -> 256 layers (conv5 to
-    conv12, the only ones it covers), the dispatcher's choice for the others.
+    conv12, the only ones it covers), the dispatcher's choice for the others,
+  - torch.compile of glcic_fast's net with Inductor's freezing, bf16, at 1024^2 only.
 On the CPU: 512^2 and 1024^2, batch 1, fp32: the reference vs glcic_fast with the
 dispatcher's choice ("auto": the Winograd kernel, backend "cpp", for the 3x3 stride-1
 layers it covers), with "torch" (oneDNN) for every layer, and torch.compile of glcic_fast's
@@ -41,7 +42,7 @@ BN_AFTER_RELU = False
 if CUDA:
     SHAPES = [(b, s) for s in (512, 1024, 2048, 4096) for b in (1, 8)]
     VARIANTS = ["reference-fp32-nchw", "reference-bf16-cl", "compile-max-autotune-folded-bf16"] + \
-               [f"glcic_fast-{b}-bf16" for b in ("auto", "torch", "triton", "cuda")]
+               [f"glcic_fast-{b}-bf16" for b in ("auto", "torch", "triton", "cuda", "compiled+freezing")]
 else:
     SHAPES = [(1, 512), (1, 1024)]
     VARIANTS = ["reference-fp32-nchw", "glcic_fast-auto-fp32", "glcic_fast-torch-fp32", "glcic_fast-compiled-fp32",
@@ -119,6 +120,8 @@ def _skip_reason(variant, batch, size):
     if variant.startswith("compile") and size != 1024:
         # max-autotune compiles for minutes per shape: measured where the targets are set.
         return "torch.compile(max-autotune) is measured at 1024^2 only"
+    if CUDA and "compiled" in variant and size != 1024:  # a compile per shape: one shape on the GPU
+        return "torch.compile of glcic_fast's net is measured at 1024^2 only on the GPU"
     if CUDA:
         # Memory the caching allocator holds but does not use (earlier shapes and
         # variants) counts as free: empty the cache first, then ask the driver.

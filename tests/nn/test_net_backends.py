@@ -12,7 +12,7 @@ import torch
 from glcic_fast import CompletionNet, ops
 from glcic_fast.nn.reference import ReferenceCompletionNet
 
-from helpers import randomize
+from helpers import call_targets, compile_recording_graphs, randomize
 
 CUDA = torch.cuda.is_available()
 
@@ -68,6 +68,35 @@ def test_net_on_gpu_512(backend, dtype, max_tolerance, mean_tolerance, bn_after_
         want = ref(x)
         got = net(x.to(dtype)).float()
     assert torch.isfinite(got).all()
+    diff = (got - want).abs()
+    assert diff.max().item() <= max_tolerance and diff.mean().item() <= mean_tolerance, \
+        f"max {diff.max().item():.3g} (<= {max_tolerance}), mean {diff.mean().item():.3g} (<= {mean_tolerance})"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bn_after_relu", [False, True])
+def test_torch_compile_of_the_net_on_gpu(bn_after_relu):
+    """torch.compile(net) on the GPU in bf16: one graph holding the op of each backend the
+    dispatcher chose (Dynamo's view), and Inductor's compiled net within bf16's tolerance
+    of the fp32 reference."""
+    if "triton" not in ops.available_backends("conv2d_bias_act"):
+        pytest.skip(f"no Triton backend: {ops.BACKEND_LOAD_ERRORS.get('triton', 'not registered')}")
+    net, ref = _pair(bn_after_relu, None, "cuda")
+    x = torch.rand(2, 4, 128, 128, generator=torch.Generator().manual_seed(0)).cuda()
+    _, max_tolerance, mean_tolerance = TOLERANCES[1].values
+    with torch.no_grad(), _no_tf32():
+        want = ref(x)
+        recorded, graphs = compile_recording_graphs(net)
+        recorded(x.bfloat16())
+        assert len(graphs) == 1
+        targets = call_targets(graphs[0].graph)
+        # Dynamo's graph names the functions called, one per backend the dispatcher chose.
+        expected_calls = {"triton": "glcic_fast.triton_conv", "cuda": "glcic_fast.conv3x3_bias_act",
+                          "torch": "method conv"}
+        for chosen in {chosen for chosen, _ in net.layer_backends(x.bfloat16()).values()}:
+            assert any(expected_calls[chosen] in t for t in targets), (chosen, targets)
+        torch._dynamo.reset()
+        got = torch.compile(net, fullgraph=True)(x.bfloat16()).float()
     diff = (got - want).abs()
     assert diff.max().item() <= max_tolerance and diff.mean().item() <= mean_tolerance, \
         f"max {diff.max().item():.3g} (<= {max_tolerance}), mean {diff.mean().item():.3g} (<= {mean_tolerance})"
